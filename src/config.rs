@@ -1,0 +1,398 @@
+//! Typed settings of the connector.
+//!
+//! Owns loading and validating configuration: the compiled-in defaults
+//! (`config/default.toml`, embedded verbatim), an optional file, then
+//! `MHERO__SECTION__KEY` environment variables. Unknown keys and invalid
+//! values are errors that name the key. Secrets are wrapped in [`Secret`],
+//! whose `Debug` never shows the value.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use url::Url;
+
+/// The documented defaults, compiled in.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// A secret string (token, password, API key). `Debug` and `Display` print
+/// `***`; use [`Secret::expose`] where the value is really needed.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub auth: AuthSettings,
+    pub fhir: FhirSettings,
+    pub index: IndexSettings,
+    pub rapidpro: RapidProSettings,
+    pub phone: PhoneSettings,
+    pub groups: GroupsSettings,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub public_base_url: Option<Url>,
+    pub log_format: LogFormat,
+    pub max_body_bytes: usize,
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    pub api_keys: Vec<Secret>,
+    pub webhook_token: Option<Secret>,
+    pub protect_metrics: bool,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FhirBackendKind {
+    Embedded,
+    Http,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FhirSettings {
+    pub backend: FhirBackendKind,
+    pub embedded: EmbeddedFhirSettings,
+    pub http: HttpFhirSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedFhirSettings {
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpFhirSettings {
+    pub base_url: Option<Url>,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub bearer_token: Option<Secret>,
+    pub timeout_secs: u64,
+    pub max_retries: u32,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum IndexBackendKind {
+    Embedded,
+    Elasticsearch,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexSettings {
+    pub backend: IndexBackendKind,
+    pub embedded: EmbeddedIndexSettings,
+    pub elasticsearch: ElasticsearchSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedIndexSettings {
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ElasticsearchSettings {
+    pub url: Option<Url>,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub index_prefix: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RapidProSettings {
+    pub base_url: Option<Url>,
+    pub token: Option<Secret>,
+    pub import_unknown_contacts: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PhoneSettings {
+    pub default_country: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupsSource {
+    Fhir,
+    Rapidpro,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupsSettings {
+    pub source: GroupsSource,
+}
+
+/// A configuration that cannot be used; the message names the key.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {0}")]
+pub struct ConfigError(pub String);
+
+impl Settings {
+    /// Defaults, then `file` (if any), then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        Self::load_from(file, None)
+    }
+
+    /// Like [`Settings::load`], with an explicit environment (for tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: Option<HashMap<String, String>>,
+    ) -> Result<Settings, ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError(format!(
+                    "configuration file {} does not exist",
+                    path.display()
+                )));
+            }
+            builder = builder.add_source(
+                config::File::from(path.to_path_buf()).format(config::FileFormat::Toml),
+            );
+        }
+        let environment = config::Environment::with_prefix("MHERO")
+            .prefix_separator("__")
+            .separator("__")
+            .list_separator(",")
+            .with_list_parse_key("auth.api_keys")
+            .try_parsing(true)
+            .source(env);
+        builder = builder.add_source(environment);
+        let raw = builder
+            .build()
+            .map_err(|e| ConfigError(describe_config_error(e)))?;
+        let settings: Settings = raw
+            .try_deserialize()
+            .map_err(|e| ConfigError(describe_config_error(e)))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Cross-field rules serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.fhir.backend == FhirBackendKind::Http && self.fhir.http.base_url.is_none() {
+            return Err(ConfigError(
+                "fhir.http.base_url is required when fhir.backend = \"http\"".into(),
+            ));
+        }
+        if self.fhir.http.password.is_some() && self.fhir.http.bearer_token.is_some() {
+            return Err(ConfigError(
+                "fhir.http.password and fhir.http.bearer_token are exclusive: set one".into(),
+            ));
+        }
+        if self.fhir.http.password.is_some() != self.fhir.http.username.is_some() {
+            return Err(ConfigError(
+                "fhir.http.username and fhir.http.password must be set together".into(),
+            ));
+        }
+        if self.fhir.http.timeout_secs == 0 {
+            return Err(ConfigError(
+                "fhir.http.timeout_secs must be at least 1".into(),
+            ));
+        }
+        if self.server.max_body_bytes == 0 {
+            return Err(ConfigError(
+                "server.max_body_bytes must be at least 1".into(),
+            ));
+        }
+        if self.auth.api_keys.iter().any(|k| k.expose().trim().is_empty()) {
+            return Err(ConfigError(
+                "auth.api_keys contains an empty key".into(),
+            ));
+        }
+        if let Some(country) = &self.phone.default_country
+            && (country.len() != 2 || !country.chars().all(|c| c.is_ascii_alphabetic()))
+        {
+            return Err(ConfigError(format!(
+                "phone.default_country must be an ISO 3166 alpha-2 code such as \"LR\", got {country:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuse an unauthenticated API on a non-loopback address.
+    pub fn validate_for_serving(&self) -> Result<(), ConfigError> {
+        if self.auth.api_keys.is_empty() && !self.server.listen.ip().is_loopback() {
+            return Err(ConfigError(format!(
+                "auth.api_keys is empty and server.listen = {} is not a loopback address; \
+                 set auth.api_keys (or MHERO__AUTH__API_KEYS) before listening on the network",
+                self.server.listen
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The `config` crate's messages, made to name the offending key plainly.
+fn describe_config_error(error: config::ConfigError) -> String {
+    let message = error.to_string();
+    // serde reports unknown keys as "unknown field `x`, expected ..."; the
+    // config crate appends the path as "for key `section`".
+    if let Some(start) = message.find("unknown field `") {
+        let rest = &message[start + "unknown field `".len()..];
+        let field = rest.split('`').next().unwrap_or("");
+        let section = message
+            .split("for key `")
+            .nth(1)
+            .and_then(|s| s.split('`').next())
+            .filter(|s| !s.is_empty());
+        let key = match section {
+            Some(section) => format!("{section}.{field}"),
+            None => field.to_string(),
+        };
+        return format!("unknown key '{key}' ({message})");
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
+        Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn compiled_in_defaults_load() {
+        let s = Settings::load_from(None, env(&[])).unwrap();
+        assert_eq!(s.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.fhir.backend, FhirBackendKind::Embedded);
+        assert_eq!(s.server.max_body_bytes, 32 * 1024 * 1024);
+        assert!(s.auth.api_keys.is_empty());
+        assert!(s.rapidpro.base_url.is_none());
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys_and_lists() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("MHERO__SERVER__LISTEN", "0.0.0.0:9000"),
+                ("MHERO__AUTH__API_KEYS", "alpha,beta"),
+                ("MHERO__RAPIDPRO__TOKEN", "tok"),
+                ("MHERO__FHIR__EMBEDDED__PATH", "/tmp/x.sqlite"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.server.listen.to_string(), "0.0.0.0:9000");
+        assert_eq!(s.auth.api_keys.len(), 2);
+        assert_eq!(s.auth.api_keys[1].expose(), "beta");
+        assert_eq!(s.rapidpro.token.as_ref().unwrap().expose(), "tok");
+        assert_eq!(s.fhir.embedded.path, PathBuf::from("/tmp/x.sqlite"));
+    }
+
+    #[test]
+    fn unknown_key_in_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[server]\nlisten = \"127.0.0.1:1\"\nlistne = 3\n").unwrap();
+        let err = Settings::load_from(Some(&path), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("server.listne"), "{err}");
+    }
+
+    #[test]
+    fn unknown_section_in_environment_is_named() {
+        let err = Settings::load_from(None, env(&[("MHERO__SERVR__LISTEN", "x")])).unwrap_err();
+        assert!(err.to_string().contains("servr"), "{err}");
+    }
+
+    #[test]
+    fn invalid_value_is_named() {
+        let err = Settings::load_from(None, env(&[("MHERO__FHIR__BACKEND", "mongo")])).unwrap_err();
+        assert!(err.to_string().contains("mongo"), "{err}");
+        let err = Settings::load_from(None, env(&[("MHERO__SERVER__LISTEN", "nowhere")])).unwrap_err();
+        assert!(err.to_string().contains("server.listen"), "{err}");
+    }
+
+    #[test]
+    fn http_backend_needs_a_base_url() {
+        let err = Settings::load_from(None, env(&[("MHERO__FHIR__BACKEND", "http")])).unwrap_err();
+        assert!(err.to_string().contains("fhir.http.base_url"), "{err}");
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("MHERO__AUTH__API_KEYS", "very-secret-key"),
+                ("MHERO__RAPIDPRO__TOKEN", "rapidpro-secret"),
+            ]),
+        )
+        .unwrap();
+        let debug = format!("{s:?}");
+        assert!(!debug.contains("very-secret-key"));
+        assert!(!debug.contains("rapidpro-secret"));
+        assert!(debug.contains("Secret(***)"));
+    }
+
+    #[test]
+    fn no_keys_on_a_public_address_is_refused() {
+        let s = Settings::load_from(None, env(&[("MHERO__SERVER__LISTEN", "0.0.0.0:80")])).unwrap();
+        let err = s.validate_for_serving().unwrap_err();
+        assert!(err.to_string().contains("auth.api_keys"));
+        let s = Settings::load_from(
+            None,
+            env(&[("MHERO__SERVER__LISTEN", "0.0.0.0:80"), ("MHERO__AUTH__API_KEYS", "k")]),
+        )
+        .unwrap();
+        s.validate_for_serving().unwrap();
+    }
+}

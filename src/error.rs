@@ -1,0 +1,141 @@
+//! `ApiError` and the single translation of every internal error into an
+//! HTTP status and an OperationOutcome. Handlers return `ApiError`; the
+//! embedded store uses [`status_and_outcome`] for batch entry outcomes.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::fhir::FHIR_JSON;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Malformed request (bad JSON, bad header, bad parameter).
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    NotAcceptable(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("the request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("{0}")]
+    ServiceUnavailable(String),
+}
+
+/// FHIR IssueType code and HTTP status of a store error.
+fn classify_store(error: &StoreError) -> (StatusCode, &'static str) {
+    match error {
+        StoreError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
+        StoreError::UnsupportedType(_) => (StatusCode::NOT_FOUND, "not-supported"),
+        StoreError::UnknownSearchParameter { .. } => (StatusCode::BAD_REQUEST, "not-supported"),
+        StoreError::NotFound { .. } => (StatusCode::NOT_FOUND, "not-found"),
+        StoreError::Gone { .. } => (StatusCode::GONE, "deleted"),
+        StoreError::VersionConflict { .. } => (StatusCode::PRECONDITION_FAILED, "conflict"),
+        StoreError::MultipleMatches(_) => (StatusCode::PRECONDITION_FAILED, "multiple-matches"),
+        StoreError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+        StoreError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "processing"),
+        StoreError::TransactionEntry { source, .. } => classify_store(source),
+        StoreError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "transient"),
+        StoreError::Remote { status, .. } => (
+            StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY),
+            if *status >= 500 { "exception" } else { "processing" },
+        ),
+        StoreError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "exception"),
+    }
+}
+
+/// Status and OperationOutcome for a store error (also used inside
+/// batch-response entries).
+pub fn status_and_outcome(error: &StoreError) -> (StatusCode, Value) {
+    let (status, code) = classify_store(error);
+    // A remote server's own OperationOutcome is passed on unchanged.
+    if let StoreError::Remote { outcome: Some(outcome), .. } = error {
+        return (status, outcome.clone());
+    }
+    let severity = if status.is_server_error() { "fatal" } else { "error" };
+    let mut outcome = crate::fhir::operation_outcome(severity, code, &error.to_string());
+    if let StoreError::TransactionEntry { index, .. } = error {
+        outcome["issue"][0]["expression"] = json!([format!("Bundle.entry[{index}]")]);
+    }
+    (status, outcome)
+}
+
+impl ApiError {
+    pub fn status_and_outcome(&self) -> (StatusCode, Value) {
+        let (status, code) = match self {
+            ApiError::Store(e) => return status_and_outcome(e),
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "login"),
+            ApiError::NotAcceptable(_) => (StatusCode::NOT_ACCEPTABLE, "not-supported"),
+            ApiError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "not-supported"),
+            ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too-long"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
+            ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "not-supported"),
+            ApiError::ServiceUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "transient"),
+        };
+        let severity = if status.is_server_error() { "fatal" } else { "error" };
+        (status, crate::fhir::operation_outcome(severity, code, &self.to_string()))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, outcome) = self.status_and_outcome();
+        if status.is_server_error() {
+            tracing::error!(status = status.as_u16(), error = %self, "request failed");
+        } else {
+            tracing::info!(status = status.as_u16(), error = %self, "request rejected");
+        }
+        let mut response = (status, serde_json::to_vec(&outcome).unwrap_or_default()).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"mhero\", Basic realm=\"mhero\""));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_errors_map_to_fhir_statuses() {
+        let cases = [
+            (StoreError::Invalid("x".into()), 400),
+            (StoreError::UnsupportedType("MedicationRequest".into()), 404),
+            (StoreError::not_found("Patient", "1"), 404),
+            (StoreError::Gone { resource_type: "Patient".into(), id: "1".into(), version_id: "2".into() }, 410),
+            (StoreError::VersionConflict { reference: "Patient/1".into(), expected: "1".into(), current: "2".into() }, 412),
+            (StoreError::MultipleMatches("m".into()), 412),
+            (StoreError::Unprocessable("u".into()), 422),
+            (StoreError::Unavailable { backend: "b".into(), reason: "r".into() }, 503),
+        ];
+        for (error, expected) in cases {
+            let (status, outcome) = status_and_outcome(&error);
+            assert_eq!(status.as_u16(), expected, "{error}");
+            assert_eq!(outcome["resourceType"], "OperationOutcome");
+            assert_eq!(outcome["issue"][0]["diagnostics"], error.to_string());
+        }
+    }
+
+    #[test]
+    fn transaction_failures_point_at_the_entry() {
+        let error = StoreError::TransactionEntry { index: 3, what: "PUT Patient/1".into(), source: Box::new(StoreError::Invalid("bad".into())) };
+        let (status, outcome) = status_and_outcome(&error);
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(outcome["issue"][0]["expression"][0], "Bundle.entry[3]");
+        assert!(outcome["issue"][0]["diagnostics"].as_str().unwrap().contains("entry 3"));
+    }
+}

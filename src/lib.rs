@@ -1,0 +1,28 @@
+//! mHero connector: a FHIR-native messaging connector for ministries of
+//! health. FHIR R4 resources come in (iHRIS, OpenMRS, integrators), a FHIR
+//! store keeps them as the source of truth, and RapidPro reaches health
+//! workers on basic phones.
+//!
+//! # Layout
+//!
+//! - [`config`]: typed settings (compiled-in defaults, file, environment).
+//! - [`telemetry`]: tracing subscriber, JSON logs, phone masking.
+//! - [`error`]: `ApiError`, the only place errors become HTTP responses.
+//! - [`fhir`]: resource types, the search parameter table, index
+//!   extraction, Bundles, the CapabilityStatement.
+//! - [`store`]: the `FhirStore` trait; `SqliteStore` (embedded) and
+//!   `HttpFhirStore` (HAPI or any FHIR R4 server).
+//! - [`api`]: axum routers: `/fhir`, health, metrics, authentication.
+//! - [`startup`]: building and running the application; graceful shutdown.
+//! - [`cli`]: the `import` and `check` commands.
+//!
+//! `docs/architecture.md` describes the design.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod fhir;
+pub mod startup;
+pub mod store;
+pub mod telemetry;
