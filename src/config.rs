@@ -246,10 +246,13 @@ impl Settings {
                 "server.max_body_bytes must be at least 1".into(),
             ));
         }
-        if self.auth.api_keys.iter().any(|k| k.expose().trim().is_empty()) {
-            return Err(ConfigError(
-                "auth.api_keys contains an empty key".into(),
-            ));
+        if self
+            .auth
+            .api_keys
+            .iter()
+            .any(|k| k.expose().trim().is_empty())
+        {
+            return Err(ConfigError("auth.api_keys contains an empty key".into()));
         }
         if let Some(country) = &self.phone.default_country
             && (country.len() != 2 || !country.chars().all(|c| c.is_ascii_alphabetic()))
@@ -357,7 +360,8 @@ mod tests {
     fn invalid_value_is_named() {
         let err = Settings::load_from(None, env(&[("MHERO__FHIR__BACKEND", "mongo")])).unwrap_err();
         assert!(err.to_string().contains("mongo"), "{err}");
-        let err = Settings::load_from(None, env(&[("MHERO__SERVER__LISTEN", "nowhere")])).unwrap_err();
+        let err =
+            Settings::load_from(None, env(&[("MHERO__SERVER__LISTEN", "nowhere")])).unwrap_err();
         assert!(err.to_string().contains("server.listen"), "{err}");
     }
 
@@ -390,7 +394,10 @@ mod tests {
         assert!(err.to_string().contains("auth.api_keys"));
         let s = Settings::load_from(
             None,
-            env(&[("MHERO__SERVER__LISTEN", "0.0.0.0:80"), ("MHERO__AUTH__API_KEYS", "k")]),
+            env(&[
+                ("MHERO__SERVER__LISTEN", "0.0.0.0:80"),
+                ("MHERO__AUTH__API_KEYS", "k"),
+            ]),
         )
         .unwrap();
         s.validate_for_serving().unwrap();

@@ -48,7 +48,11 @@ fn classify_store(error: &StoreError) -> (StatusCode, &'static str) {
         StoreError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "transient"),
         StoreError::Remote { status, .. } => (
             StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY),
-            if *status >= 500 { "exception" } else { "processing" },
+            if *status >= 500 {
+                "exception"
+            } else {
+                "processing"
+            },
         ),
         StoreError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "exception"),
     }
@@ -59,10 +63,18 @@ fn classify_store(error: &StoreError) -> (StatusCode, &'static str) {
 pub fn status_and_outcome(error: &StoreError) -> (StatusCode, Value) {
     let (status, code) = classify_store(error);
     // A remote server's own OperationOutcome is passed on unchanged.
-    if let StoreError::Remote { outcome: Some(outcome), .. } = error {
+    if let StoreError::Remote {
+        outcome: Some(outcome),
+        ..
+    } = error
+    {
         return (status, outcome.clone());
     }
-    let severity = if status.is_server_error() { "fatal" } else { "error" };
+    let severity = if status.is_server_error() {
+        "fatal"
+    } else {
+        "error"
+    };
     let mut outcome = crate::fhir::operation_outcome(severity, code, &error.to_string());
     if let StoreError::TransactionEntry { index, .. } = error {
         outcome["issue"][0]["expression"] = json!([format!("Bundle.entry[{index}]")]);
@@ -77,14 +89,23 @@ impl ApiError {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid"),
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "login"),
             ApiError::NotAcceptable(_) => (StatusCode::NOT_ACCEPTABLE, "not-supported"),
-            ApiError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "not-supported"),
+            ApiError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "not-supported")
+            }
             ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too-long"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "not-supported"),
             ApiError::ServiceUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "transient"),
         };
-        let severity = if status.is_server_error() { "fatal" } else { "error" };
-        (status, crate::fhir::operation_outcome(severity, code, &self.to_string()))
+        let severity = if status.is_server_error() {
+            "fatal"
+        } else {
+            "error"
+        };
+        (
+            status,
+            crate::fhir::operation_outcome(severity, code, &self.to_string()),
+        )
     }
 }
 
@@ -96,11 +117,15 @@ impl IntoResponse for ApiError {
         } else {
             tracing::info!(status = status.as_u16(), error = %self, "request rejected");
         }
-        let mut response = (status, serde_json::to_vec(&outcome).unwrap_or_default()).into_response();
+        let mut response =
+            (status, serde_json::to_vec(&outcome).unwrap_or_default()).into_response();
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
         if status == StatusCode::UNAUTHORIZED {
-            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"mhero\", Basic realm=\"mhero\""));
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"mhero\", Basic realm=\"mhero\""),
+            );
         }
         response
     }
@@ -116,11 +141,31 @@ mod tests {
             (StoreError::Invalid("x".into()), 400),
             (StoreError::UnsupportedType("MedicationRequest".into()), 404),
             (StoreError::not_found("Patient", "1"), 404),
-            (StoreError::Gone { resource_type: "Patient".into(), id: "1".into(), version_id: "2".into() }, 410),
-            (StoreError::VersionConflict { reference: "Patient/1".into(), expected: "1".into(), current: "2".into() }, 412),
+            (
+                StoreError::Gone {
+                    resource_type: "Patient".into(),
+                    id: "1".into(),
+                    version_id: "2".into(),
+                },
+                410,
+            ),
+            (
+                StoreError::VersionConflict {
+                    reference: "Patient/1".into(),
+                    expected: "1".into(),
+                    current: "2".into(),
+                },
+                412,
+            ),
             (StoreError::MultipleMatches("m".into()), 412),
             (StoreError::Unprocessable("u".into()), 422),
-            (StoreError::Unavailable { backend: "b".into(), reason: "r".into() }, 503),
+            (
+                StoreError::Unavailable {
+                    backend: "b".into(),
+                    reason: "r".into(),
+                },
+                503,
+            ),
         ];
         for (error, expected) in cases {
             let (status, outcome) = status_and_outcome(&error);
@@ -132,10 +177,19 @@ mod tests {
 
     #[test]
     fn transaction_failures_point_at_the_entry() {
-        let error = StoreError::TransactionEntry { index: 3, what: "PUT Patient/1".into(), source: Box::new(StoreError::Invalid("bad".into())) };
+        let error = StoreError::TransactionEntry {
+            index: 3,
+            what: "PUT Patient/1".into(),
+            source: Box::new(StoreError::Invalid("bad".into())),
+        };
         let (status, outcome) = status_and_outcome(&error);
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_eq!(outcome["issue"][0]["expression"][0], "Bundle.entry[3]");
-        assert!(outcome["issue"][0]["diagnostics"].as_str().unwrap().contains("entry 3"));
+        assert!(
+            outcome["issue"][0]["diagnostics"]
+                .as_str()
+                .unwrap()
+                .contains("entry 3")
+        );
     }
 }

@@ -1,4 +1,58 @@
 //! The HTTP API (axum): the FHIR REST facade under `/fhir`, health and
 //! metrics, authentication, request ids and request metrics. Handlers
-//! validate, call the store and shape FHIR responses; errors go through
-//! `error.rs`.
+//! validate, call the store and shape FHIR responses; every error goes
+//! through `error.rs`.
+
+pub mod auth;
+pub mod fhir;
+pub mod health;
+pub mod metrics;
+mod negotiation;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, Request};
+use axum::middleware;
+use tower::ServiceBuilder;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::config::Settings;
+use crate::store::SharedStore;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: SharedStore,
+    pub settings: Arc<Settings>,
+    /// Absolute base of the FHIR API, e.g. `http://127.0.0.1:8080/fhir`.
+    pub fhir_base: String,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The whole application router.
+pub fn router(state: AppState) -> Router {
+    let max_body = state.settings.server.max_body_bytes;
+    let fhir = fhir::routes(state.clone())
+        .layer(middleware::from_fn(negotiation::check_media_types))
+        .layer(DefaultBodyLimit::max(max_body));
+    let ops = health::routes(state.clone());
+    Router::new()
+        .merge(fhir)
+        .merge(ops)
+        .fallback(fhir::unknown_route)
+        .layer(middleware::from_fn(metrics::track_requests))
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+                .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
+                    let request_id = request.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");
+                    tracing::info_span!("request", request_id = %request_id, method = %request.method(), path = %request.uri().path())
+                }))
+                .layer(PropagateRequestIdLayer::new(REQUEST_ID)),
+        )
+}

@@ -1,1 +1,61 @@
-//! `mhero check`.
+//! `mhero check`: validate the configuration and reach every configured
+//! backend, one line each; the caller exits non-zero if any fails.
+
+use crate::config::{IndexBackendKind, Settings};
+use crate::store::open_store;
+
+/// One line of the report.
+pub struct CheckLine {
+    pub backend: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+pub async fn check_backends(settings: &Settings) -> Vec<CheckLine> {
+    let mut lines = Vec::new();
+    let fhir = match open_store(&settings.fhir).await {
+        Ok(store) => match store.check().await {
+            Ok(status) => CheckLine {
+                backend: status.name,
+                ok: true,
+                detail: status.detail,
+            },
+            Err(e) => CheckLine {
+                backend: format!("fhir ({})", store.backend_name()),
+                ok: false,
+                detail: e.to_string(),
+            },
+        },
+        Err(e) => CheckLine {
+            backend: "fhir".into(),
+            ok: false,
+            detail: e.to_string(),
+        },
+    };
+    lines.push(fhir);
+    let index = match settings.index.backend {
+        IndexBackendKind::Embedded => format!(
+            "embedded tantivy at {}",
+            settings.index.embedded.path.display()
+        ),
+        IndexBackendKind::Elasticsearch => "elasticsearch".to_string(),
+    };
+    lines.push(CheckLine {
+        backend: format!("index ({index})"),
+        ok: true,
+        detail: "not checked yet: the contact index is not built in this version".into(),
+    });
+    lines.push(match &settings.rapidpro.base_url {
+        None => CheckLine {
+            backend: "rapidpro".into(),
+            ok: true,
+            detail: "not configured (rapidpro.base_url is unset): sending is paused".into(),
+        },
+        Some(url) => CheckLine {
+            backend: format!("rapidpro ({url})"),
+            ok: true,
+            detail: "not checked yet: the RapidPro client is not built in this version".into(),
+        },
+    });
+    lines
+}

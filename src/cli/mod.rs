@@ -2,4 +2,5 @@
 //! (Bundles and NDJSON into the store) and `check` (reach every backend).
 
 pub mod check;
+pub mod demo;
 pub mod import;

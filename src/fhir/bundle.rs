@@ -19,11 +19,20 @@ pub fn full_url(base: &str, resource_type: &str, id: &str) -> String {
 
 /// A `searchset` Bundle for one page. `self_url` and `next_url` are
 /// already absolute (or relative when `base` is empty).
-pub fn searchset(base: &str, page: &SearchPage, self_url: &str, next_url: Option<&str>, outcome: Option<Value>) -> Value {
+pub fn searchset(
+    base: &str,
+    page: &SearchPage,
+    self_url: &str,
+    next_url: Option<&str>,
+    outcome: Option<Value>,
+) -> Value {
     let mut bundle = Map::new();
     bundle.insert("resourceType".into(), json!("Bundle"));
     bundle.insert("id".into(), json!(uuid::Uuid::new_v4().to_string()));
-    bundle.insert("meta".into(), json!({ "lastUpdated": format_instant(&chrono::Utc::now()) }));
+    bundle.insert(
+        "meta".into(),
+        json!({ "lastUpdated": format_instant(&chrono::Utc::now()) }),
+    );
     bundle.insert("type".into(), json!("searchset"));
     if let Some(total) = page.total {
         bundle.insert("total".into(), json!(total));
@@ -74,11 +83,17 @@ pub fn history(base: &str, page: &HistoryPage, self_url: &str, next_url: Option<
                 crate::store::HistoryMethod::Delete => "204 No Content",
             };
             let mut entry = Map::new();
-            entry.insert("fullUrl".into(), json!(full_url(base, &e.resource_type, &e.id)));
+            entry.insert(
+                "fullUrl".into(),
+                json!(full_url(base, &e.resource_type, &e.id)),
+            );
             if let Some(resource) = &e.resource {
                 entry.insert("resource".into(), resource.clone());
             }
-            entry.insert("request".into(), json!({ "method": e.method.http_method(), "url": url }));
+            entry.insert(
+                "request".into(),
+                json!({ "method": e.method.http_method(), "url": url }),
+            );
             entry.insert(
                 "response".into(),
                 json!({
@@ -115,7 +130,10 @@ pub fn entry_response(status: &str, stored: Option<&StoredResource>) -> Value {
     if let Some(stored) = stored {
         response.insert("location".into(), json!(stored.versioned_reference()));
         response.insert("etag".into(), json!(stored.etag()));
-        response.insert("lastModified".into(), json!(format_instant(&stored.last_updated)));
+        response.insert(
+            "lastModified".into(),
+            json!(format_instant(&stored.last_updated)),
+        );
     }
     Value::Object(response)
 }

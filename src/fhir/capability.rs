@@ -32,10 +32,19 @@ pub fn capability_statement(base_url: &str) -> Value {
                 .filter(|i| i.targets.contains(resource_type))
                 .map(|i| format!("{}:{}", i.source, i.param))
                 .collect();
-            let interactions: Vec<Value> = ["read", "vread", "update", "delete", "history-instance", "history-type", "create", "search-type"]
-                .iter()
-                .map(|code| json!({ "code": code }))
-                .collect();
+            let interactions: Vec<Value> = [
+                "read",
+                "vread",
+                "update",
+                "delete",
+                "history-instance",
+                "history-type",
+                "create",
+                "search-type",
+            ]
+            .iter()
+            .map(|code| json!({ "code": code }))
+            .collect();
             json!({
                 "type": resource_type,
                 "interaction": interactions,
@@ -82,11 +91,28 @@ mod tests {
         let cs = capability_statement("http://localhost/fhir");
         let resources = cs["rest"][0]["resource"].as_array().unwrap();
         assert_eq!(resources.len(), SUPPORTED.len());
-        let role = resources.iter().find(|r| r["type"] == "PractitionerRole").unwrap();
-        let names: Vec<&str> = role["searchParam"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+        let role = resources
+            .iter()
+            .find(|r| r["type"] == "PractitionerRole")
+            .unwrap();
+        let names: Vec<&str> = role["searchParam"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap())
+            .collect();
         assert!(names.contains(&"practitioner") && names.contains(&"_lastUpdated"));
         assert_eq!(role["searchInclude"][0], "PractitionerRole:practitioner");
-        let practitioner = resources.iter().find(|r| r["type"] == "Practitioner").unwrap();
-        assert!(practitioner["searchRevInclude"].as_array().unwrap().iter().any(|v| v == "PractitionerRole:practitioner"));
+        let practitioner = resources
+            .iter()
+            .find(|r| r["type"] == "Practitioner")
+            .unwrap();
+        assert!(
+            practitioner["searchRevInclude"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|v| v == "PractitionerRole:practitioner")
+        );
     }
 }

@@ -11,11 +11,23 @@ use super::search_params::{ParamKind, SearchParamDef};
 /// One value to index for a parameter.
 #[derive(Debug, Clone, PartialEq)]
 pub enum IndexValue {
-    Token { system: Option<String>, code: String },
-    String { folded: String, raw: String },
-    Reference { target_type: Option<String>, target_id: String },
+    Token {
+        system: Option<String>,
+        code: String,
+    },
+    String {
+        folded: String,
+        raw: String,
+    },
+    Reference {
+        target_type: Option<String>,
+        target_id: String,
+    },
     /// Half-open range of epoch milliseconds `[low, high)`.
-    Date { low: i64, high: i64 },
+    Date {
+        low: i64,
+        high: i64,
+    },
     Uri(String),
 }
 
@@ -26,7 +38,10 @@ pub fn select<'a>(resource: &'a Value, path: &str) -> Vec<&'a Value> {
         let mut current: Vec<&Value> = vec![resource];
         for segment in split_segments(alternative.trim()) {
             let mut next = Vec::new();
-            if let Some(filter) = segment.strip_prefix("where(").and_then(|s| s.strip_suffix(')')) {
+            if let Some(filter) = segment
+                .strip_prefix("where(")
+                .and_then(|s| s.strip_suffix(')'))
+            {
                 let (key, wanted) = parse_where(filter);
                 for node in current {
                     if node.get(key).and_then(Value::as_str) == Some(wanted) {
@@ -82,7 +97,11 @@ pub fn extract(resource: &Value, def: &SearchParamDef) -> Vec<IndexValue> {
             ParamKind::Token => tokens(node, &mut values),
             ParamKind::String => strings(node, &mut values),
             ParamKind::Reference => {
-                if let Some(v) = node.get("reference").and_then(Value::as_str).and_then(parse_reference) {
+                if let Some(v) = node
+                    .get("reference")
+                    .and_then(Value::as_str)
+                    .and_then(parse_reference)
+                {
                     values.push(v);
                 }
             }
@@ -104,8 +123,14 @@ pub fn extract(resource: &Value, def: &SearchParamDef) -> Vec<IndexValue> {
 
 fn tokens(node: &Value, out: &mut Vec<IndexValue>) {
     match node {
-        Value::String(s) => out.push(IndexValue::Token { system: None, code: s.clone() }),
-        Value::Bool(b) => out.push(IndexValue::Token { system: None, code: b.to_string() }),
+        Value::String(s) => out.push(IndexValue::Token {
+            system: None,
+            code: s.clone(),
+        }),
+        Value::Bool(b) => out.push(IndexValue::Token {
+            system: None,
+            code: b.to_string(),
+        }),
         Value::Object(map) => {
             if let Some(Value::Array(codings)) = map.get("coding") {
                 for coding in codings {
@@ -113,13 +138,19 @@ fn tokens(node: &Value, out: &mut Vec<IndexValue>) {
                 }
             } else if let Some(code) = map.get("code").and_then(Value::as_str) {
                 out.push(IndexValue::Token {
-                    system: map.get("system").and_then(Value::as_str).map(str::to_string),
+                    system: map
+                        .get("system")
+                        .and_then(Value::as_str)
+                        .map(str::to_string),
                     code: code.to_string(),
                 });
             } else if let Some(value) = map.get("value").and_then(Value::as_str) {
                 // Identifier (system|value) and ContactPoint (system is the kind).
                 out.push(IndexValue::Token {
-                    system: map.get("system").and_then(Value::as_str).map(str::to_string),
+                    system: map
+                        .get("system")
+                        .and_then(Value::as_str)
+                        .map(str::to_string),
                     code: value.to_string(),
                 });
             }
@@ -131,14 +162,29 @@ fn tokens(node: &Value, out: &mut Vec<IndexValue>) {
 fn strings(node: &Value, out: &mut Vec<IndexValue>) {
     let mut push = |s: &str| {
         if !s.trim().is_empty() {
-            out.push(IndexValue::String { folded: fold(s), raw: s.to_string() });
+            out.push(IndexValue::String {
+                folded: fold(s),
+                raw: s.to_string(),
+            });
         }
     };
     match node {
         Value::String(s) => push(s),
         Value::Object(map) => {
             // HumanName and Address parts.
-            for key in ["text", "family", "given", "prefix", "suffix", "line", "city", "district", "state", "postalCode", "country"] {
+            for key in [
+                "text",
+                "family",
+                "given",
+                "prefix",
+                "suffix",
+                "line",
+                "city",
+                "district",
+                "state",
+                "postalCode",
+                "country",
+            ] {
                 match map.get(key) {
                     Some(Value::String(s)) => push(s),
                     Some(Value::Array(items)) => {
@@ -177,11 +223,16 @@ pub fn parse_reference(reference: &str) -> Option<IndexValue> {
         parts.truncate(parts.len() - 2);
     }
     match parts.as_slice() {
-        [.., t, id] if super::resource_types::looks_like_type_name(t) => Some(IndexValue::Reference {
-            target_type: Some((*t).to_string()),
+        [.., t, id] if super::resource_types::looks_like_type_name(t) => {
+            Some(IndexValue::Reference {
+                target_type: Some((*t).to_string()),
+                target_id: (*id).to_string(),
+            })
+        }
+        [id] => Some(IndexValue::Reference {
+            target_type: None,
             target_id: (*id).to_string(),
         }),
-        [id] => Some(IndexValue::Reference { target_type: None, target_id: (*id).to_string() }),
         _ => None,
     }
 }
@@ -190,8 +241,16 @@ fn date_node_range(node: &Value) -> Option<(i64, i64)> {
     match node {
         Value::String(s) => date_range(s),
         Value::Object(map) => {
-            let low = map.get("start").and_then(Value::as_str).and_then(date_range).map(|r| r.0);
-            let high = map.get("end").and_then(Value::as_str).and_then(date_range).map(|r| r.1);
+            let low = map
+                .get("start")
+                .and_then(Value::as_str)
+                .and_then(date_range)
+                .map(|r| r.0);
+            let high = map
+                .get("end")
+                .and_then(Value::as_str)
+                .and_then(date_range)
+                .map(|r| r.1);
             if low.is_none() && high.is_none() {
                 None
             } else {
@@ -217,7 +276,11 @@ pub fn date_range(text: &str) -> Option<(i64, i64)> {
         }
         7 => {
             let date = NaiveDate::parse_from_str(&format!("{text}-01"), "%Y-%m-%d").ok()?;
-            let (y, m) = if date.month() == 12 { (date.year() + 1, 1) } else { (date.year(), date.month() + 1) };
+            let (y, m) = if date.month() == 12 {
+                (date.year() + 1, 1)
+            } else {
+                (date.year(), date.month() + 1)
+            };
             let start = Utc.from_utc_datetime(&date.and_hms_opt(0, 0, 0)?);
             let end = Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0).single()?;
             Some((ms(start), ms(end)))
@@ -241,12 +304,17 @@ fn parse_date_time(text: &str) -> Option<(DateTime<Utc>, i64)> {
     if text.len() < 16 || !text.is_ascii() || text.as_bytes()[10] != b'T' {
         return None;
     }
-    let has_zone = text.ends_with('Z') || text[10..].contains('+') || text[10..].rfind('-').is_some();
+    let has_zone =
+        text.ends_with('Z') || text[10..].contains('+') || text[10..].rfind('-').is_some();
     let fraction_digits = text
         .split_once('.')
         .map(|(_, rest)| rest.chars().take_while(char::is_ascii_digit).count())
         .unwrap_or(0);
-    let seconds_given = text[11..].split(['Z', '+', '-']).next().map(|t| t.matches(':').count() == 2).unwrap_or(false);
+    let seconds_given = text[11..]
+        .split(['Z', '+', '-'])
+        .next()
+        .map(|t| t.matches(':').count() == 2)
+        .unwrap_or(false);
     let precision = if fraction_digits > 0 {
         1
     } else if seconds_given {
@@ -255,8 +323,14 @@ fn parse_date_time(text: &str) -> Option<(DateTime<Utc>, i64)> {
         60_000
     };
     if has_zone {
-        let normalised = if seconds_given { text.to_string() } else { insert_seconds(text) };
-        let instant = DateTime::parse_from_rfc3339(&normalised).ok()?.with_timezone(&Utc);
+        let normalised = if seconds_given {
+            text.to_string()
+        } else {
+            insert_seconds(text)
+        };
+        let instant = DateTime::parse_from_rfc3339(&normalised)
+            .ok()?
+            .with_timezone(&Utc);
         Some((instant, precision))
     } else {
         let naive = NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f")
@@ -268,7 +342,10 @@ fn parse_date_time(text: &str) -> Option<(DateTime<Utc>, i64)> {
 
 fn insert_seconds(text: &str) -> String {
     // "2024-01-01T10:00Z" -> "2024-01-01T10:00:00Z"
-    let zone_start = text[11..].find(['Z', '+', '-']).map(|i| i + 11).unwrap_or(text.len());
+    let zone_start = text[11..]
+        .find(['Z', '+', '-'])
+        .map(|i| i + 11)
+        .unwrap_or(text.len());
     format!("{}:00{}", &text[..zone_start], &text[zone_start..])
 }
 
@@ -290,24 +367,51 @@ mod tests {
             {"system": "phone", "value": "111"}, {"system": "email", "value": "a@b"},
             {"system": "sms", "value": "222"}]});
         let values = extract(&p, find("Practitioner", "phone").unwrap());
-        assert_eq!(values, vec![
-            IndexValue::Token { system: Some("phone".into()), code: "111".into() },
-            IndexValue::Token { system: Some("sms".into()), code: "222".into() },
-        ]);
+        assert_eq!(
+            values,
+            vec![
+                IndexValue::Token {
+                    system: Some("phone".into()),
+                    code: "111".into()
+                },
+                IndexValue::Token {
+                    system: Some("sms".into()),
+                    code: "222".into()
+                },
+            ]
+        );
     }
 
     #[test]
     fn human_names_give_every_part() {
         let p = json!({"resourceType": "Practitioner", "name": [{"family": "Núñez", "given": ["Ana", "María"]}]});
         let values = extract(&p, find("Practitioner", "name").unwrap());
-        let folded: Vec<_> = values.iter().map(|v| match v { IndexValue::String { folded, .. } => folded.as_str(), _ => "" }).collect();
+        let folded: Vec<_> = values
+            .iter()
+            .map(|v| match v {
+                IndexValue::String { folded, .. } => folded.as_str(),
+                _ => "",
+            })
+            .collect();
         assert_eq!(folded, vec!["nunez", "ana", "maria"]);
     }
 
     #[test]
     fn references_parse_relative_absolute_and_versioned() {
-        assert_eq!(parse_reference("Location/TF.W"), Some(IndexValue::Reference { target_type: Some("Location".into()), target_id: "TF.W".into() }));
-        assert_eq!(parse_reference("http://x/fhir/Patient/1/_history/2"), Some(IndexValue::Reference { target_type: Some("Patient".into()), target_id: "1".into() }));
+        assert_eq!(
+            parse_reference("Location/TF.W"),
+            Some(IndexValue::Reference {
+                target_type: Some("Location".into()),
+                target_id: "TF.W".into()
+            })
+        );
+        assert_eq!(
+            parse_reference("http://x/fhir/Patient/1/_history/2"),
+            Some(IndexValue::Reference {
+                target_type: Some("Patient".into()),
+                target_id: "1".into()
+            })
+        );
         assert_eq!(parse_reference("#contained"), None);
         assert_eq!(parse_reference("urn:uuid:1234"), None);
     }
@@ -321,7 +425,11 @@ mod tests {
         let (lo, hi) = date_range("2024-02-03T10:00:00+01:00").unwrap();
         assert_eq!(hi - lo, 1000);
         assert_eq!(lo, date_range("2024-02-03T09:00:00Z").unwrap().0);
-        assert_eq!(date_range("2024-02-03T09:00:00.250Z").unwrap().1 - date_range("2024-02-03T09:00:00.250Z").unwrap().0, 1);
+        assert_eq!(
+            date_range("2024-02-03T09:00:00.250Z").unwrap().1
+                - date_range("2024-02-03T09:00:00.250Z").unwrap().0,
+            1
+        );
         assert!(date_range("yesterday").is_none());
         assert!(date_range("2024-13-01").is_none());
     }

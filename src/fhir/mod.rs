@@ -6,6 +6,7 @@ pub mod bundle;
 pub mod capability;
 pub mod extract;
 pub mod resource_types;
+pub mod sample;
 pub mod search_params;
 
 use serde_json::{Value, json};

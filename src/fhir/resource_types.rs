@@ -79,7 +79,10 @@ pub fn ensure_valid_id(id: &str) -> Result<(), StoreError> {
 /// Check a resource body before it is written: a JSON object with a
 /// supported `resourceType` (equal to `expected_type` when given), a valid
 /// `id` if present, and an object `meta` if present. Returns the type.
-pub fn validate_resource(resource: &Value, expected_type: Option<&str>) -> Result<String, StoreError> {
+pub fn validate_resource(
+    resource: &Value,
+    expected_type: Option<&str>,
+) -> Result<String, StoreError> {
     let object = resource.as_object().ok_or_else(|| {
         StoreError::Invalid(format!(
             "the body must be a FHIR resource (a JSON object), not {}",
@@ -142,7 +145,10 @@ mod tests {
         assert!(matches!(err, StoreError::UnsupportedType(_)));
         let text = err.to_string();
         assert!(text.contains("MedicationRequest") && text.contains("Practitioner"));
-        assert!(matches!(ensure_supported("patient"), Err(StoreError::Invalid(_))));
+        assert!(matches!(
+            ensure_supported("patient"),
+            Err(StoreError::Invalid(_))
+        ));
     }
 
     #[test]
@@ -158,10 +164,14 @@ mod tests {
     fn body_checks_name_the_problem() {
         let err = validate_resource(&json!([1]), None).unwrap_err();
         assert!(err.to_string().contains("an array"));
-        let err = validate_resource(&json!({"resourceType": "Patient"}), Some("Practitioner")).unwrap_err();
+        let err = validate_resource(&json!({"resourceType": "Patient"}), Some("Practitioner"))
+            .unwrap_err();
         assert!(err.to_string().contains("does not match"));
         let err = validate_resource(&json!({"name": []}), None).unwrap_err();
         assert!(err.to_string().contains("no resourceType"));
-        assert_eq!(validate_resource(&json!({"resourceType": "Group"}), None).unwrap(), "Group");
+        assert_eq!(
+            validate_resource(&json!({"resourceType": "Group"}), None).unwrap(),
+            "Group"
+        );
     }
 }

@@ -62,97 +62,524 @@ macro_rules! param {
 /// Parameters handled from the resource's own columns rather than index rows.
 pub const COLUMN_PARAMS: &[SearchParamDef] = &[
     param!(&["*"], "_id", Token, "id", "Logical id of the resource"),
-    param!(&["*"], "_lastUpdated", Date, "meta.lastUpdated", "When the resource version last changed"),
+    param!(
+        &["*"],
+        "_lastUpdated",
+        Date,
+        "meta.lastUpdated",
+        "When the resource version last changed"
+    ),
 ];
 
 /// Every indexed search parameter.
 pub const SEARCH_PARAMS: &[SearchParamDef] = &[
-    param!(&["*"], "_tag", Token, "meta.tag", "Tags applied to the resource"),
-    param!(&["*"], "_profile", Uri, "meta.profile", "Profiles the resource claims to conform to"),
+    param!(
+        &["*"],
+        "_tag",
+        Token,
+        "meta.tag",
+        "Tags applied to the resource"
+    ),
+    param!(
+        &["*"],
+        "_profile",
+        Uri,
+        "meta.profile",
+        "Profiles the resource claims to conform to"
+    ),
     // Person types
-    param!(PERSON_TYPES, "identifier", Token, "identifier", "An identifier of the person"),
-    param!(PERSON_TYPES, "name", String, "name", "Any part of a name (family, given, prefix, suffix, text)"),
+    param!(
+        PERSON_TYPES,
+        "identifier",
+        Token,
+        "identifier",
+        "An identifier of the person"
+    ),
+    param!(
+        PERSON_TYPES,
+        "name",
+        String,
+        "name",
+        "Any part of a name (family, given, prefix, suffix, text)"
+    ),
     param!(PERSON_TYPES, "family", String, "name.family", "Family name"),
     param!(PERSON_TYPES, "given", String, "name.given", "Given name"),
-    param!(PERSON_TYPES, "telecom", Token, "telecom", "Any contact point value"),
-    param!(PERSON_TYPES, "phone", Token, "telecom.where(system='phone') | telecom.where(system='sms')", "A phone number"),
-    param!(PERSON_TYPES, "email", Token, "telecom.where(system='email')", "An email address"),
-    param!(PERSON_TYPES, "active", Token, "active", "Whether the record is active"),
-    param!(PERSON_TYPES, "gender", Token, "gender", "Administrative gender"),
-    param!(&["Patient", "RelatedPerson"], "patient", Reference, "patient", "The patient this person is related to"),
+    param!(
+        PERSON_TYPES,
+        "telecom",
+        Token,
+        "telecom",
+        "Any contact point value"
+    ),
+    param!(
+        PERSON_TYPES,
+        "phone",
+        Token,
+        "telecom.where(system='phone') | telecom.where(system='sms')",
+        "A phone number"
+    ),
+    param!(
+        PERSON_TYPES,
+        "email",
+        Token,
+        "telecom.where(system='email')",
+        "An email address"
+    ),
+    param!(
+        PERSON_TYPES,
+        "active",
+        Token,
+        "active",
+        "Whether the record is active"
+    ),
+    param!(
+        PERSON_TYPES,
+        "gender",
+        Token,
+        "gender",
+        "Administrative gender"
+    ),
+    param!(
+        &["Patient", "RelatedPerson"],
+        "patient",
+        Reference,
+        "patient",
+        "The patient this person is related to"
+    ),
     // Group
-    param!(&["Group"], "member", Reference, "member.entity", "A member of the group"),
+    param!(
+        &["Group"],
+        "member",
+        Reference,
+        "member.entity",
+        "A member of the group"
+    ),
     param!(&["Group"], "code", Token, "code", "The kind of group"),
-    param!(&["Group"], "type", Token, "type", "person | practitioner | ..."),
+    param!(
+        &["Group"],
+        "type",
+        Token,
+        "type",
+        "person | practitioner | ..."
+    ),
     param!(&["Group"], "name", String, "name", "Name of the group"),
-    param!(&["Group"], "identifier", Token, "identifier", "An identifier of the group"),
+    param!(
+        &["Group"],
+        "identifier",
+        Token,
+        "identifier",
+        "An identifier of the group"
+    ),
     // PractitionerRole
-    param!(&["PractitionerRole"], "practitioner", Reference, "practitioner", "The practitioner in the role"),
-    param!(&["PractitionerRole"], "location", Reference, "location", "Where the role is performed"),
-    param!(&["PractitionerRole"], "organization", Reference, "organization", "The organization of the role"),
-    param!(&["PractitionerRole"], "role", Token, "code", "The role (job, cadre)"),
-    param!(&["PractitionerRole"], "specialty", Token, "specialty", "A specialty of the role"),
-    param!(&["PractitionerRole"], "active", Token, "active", "Whether the role is active"),
-    param!(&["PractitionerRole"], "identifier", Token, "identifier", "An identifier of the role"),
-    param!(&["PractitionerRole"], "date", Date, "period", "The period the role is valid"),
+    param!(
+        &["PractitionerRole"],
+        "practitioner",
+        Reference,
+        "practitioner",
+        "The practitioner in the role"
+    ),
+    param!(
+        &["PractitionerRole"],
+        "location",
+        Reference,
+        "location",
+        "Where the role is performed"
+    ),
+    param!(
+        &["PractitionerRole"],
+        "organization",
+        Reference,
+        "organization",
+        "The organization of the role"
+    ),
+    param!(
+        &["PractitionerRole"],
+        "role",
+        Token,
+        "code",
+        "The role (job, cadre)"
+    ),
+    param!(
+        &["PractitionerRole"],
+        "specialty",
+        Token,
+        "specialty",
+        "A specialty of the role"
+    ),
+    param!(
+        &["PractitionerRole"],
+        "active",
+        Token,
+        "active",
+        "Whether the role is active"
+    ),
+    param!(
+        &["PractitionerRole"],
+        "identifier",
+        Token,
+        "identifier",
+        "An identifier of the role"
+    ),
+    param!(
+        &["PractitionerRole"],
+        "date",
+        Date,
+        "period",
+        "The period the role is valid"
+    ),
     // Location
-    param!(&["Location"], "name", String, "name | alias", "Name or alias of the location"),
-    param!(&["Location"], "partof", Reference, "partOf", "The location this one is part of"),
+    param!(
+        &["Location"],
+        "name",
+        String,
+        "name | alias",
+        "Name or alias of the location"
+    ),
+    param!(
+        &["Location"],
+        "partof",
+        Reference,
+        "partOf",
+        "The location this one is part of"
+    ),
     param!(&["Location"], "type", Token, "type", "Type of location"),
-    param!(&["Location"], "identifier", Token, "identifier", "An identifier of the location"),
-    param!(&["Location"], "organization", Reference, "managingOrganization", "The managing organization"),
-    param!(&["Location"], "status", Token, "status", "active | suspended | inactive"),
+    param!(
+        &["Location"],
+        "identifier",
+        Token,
+        "identifier",
+        "An identifier of the location"
+    ),
+    param!(
+        &["Location"],
+        "organization",
+        Reference,
+        "managingOrganization",
+        "The managing organization"
+    ),
+    param!(
+        &["Location"],
+        "status",
+        Token,
+        "status",
+        "active | suspended | inactive"
+    ),
     // Organization
-    param!(&["Organization"], "name", String, "name | alias", "Name or alias of the organization"),
-    param!(&["Organization"], "partof", Reference, "partOf", "The organization this one is part of"),
-    param!(&["Organization"], "identifier", Token, "identifier", "An identifier of the organization"),
-    param!(&["Organization"], "type", Token, "type", "Type of organization"),
-    param!(&["Organization"], "active", Token, "active", "Whether the organization is active"),
+    param!(
+        &["Organization"],
+        "name",
+        String,
+        "name | alias",
+        "Name or alias of the organization"
+    ),
+    param!(
+        &["Organization"],
+        "partof",
+        Reference,
+        "partOf",
+        "The organization this one is part of"
+    ),
+    param!(
+        &["Organization"],
+        "identifier",
+        Token,
+        "identifier",
+        "An identifier of the organization"
+    ),
+    param!(
+        &["Organization"],
+        "type",
+        Token,
+        "type",
+        "Type of organization"
+    ),
+    param!(
+        &["Organization"],
+        "active",
+        Token,
+        "active",
+        "Whether the organization is active"
+    ),
     // HealthcareService
-    param!(&["HealthcareService"], "name", String, "name", "Name of the service"),
-    param!(&["HealthcareService"], "identifier", Token, "identifier", "An identifier of the service"),
-    param!(&["HealthcareService"], "location", Reference, "location", "Where the service is provided"),
-    param!(&["HealthcareService"], "organization", Reference, "providedBy", "The organization providing the service"),
+    param!(
+        &["HealthcareService"],
+        "name",
+        String,
+        "name",
+        "Name of the service"
+    ),
+    param!(
+        &["HealthcareService"],
+        "identifier",
+        Token,
+        "identifier",
+        "An identifier of the service"
+    ),
+    param!(
+        &["HealthcareService"],
+        "location",
+        Reference,
+        "location",
+        "Where the service is provided"
+    ),
+    param!(
+        &["HealthcareService"],
+        "organization",
+        Reference,
+        "providedBy",
+        "The organization providing the service"
+    ),
     // CommunicationRequest
-    param!(&["CommunicationRequest"], "status", Token, "status", "Status of the request"),
-    param!(&["CommunicationRequest"], "recipient", Reference, "recipient", "A recipient"),
-    param!(&["CommunicationRequest"], "identifier", Token, "identifier", "An identifier of the request"),
-    param!(&["CommunicationRequest"], "group-identifier", Token, "groupIdentifier", "Identifier shared by requests of one submission"),
-    param!(&["CommunicationRequest"], "category", Token, "category", "Message category"),
-    param!(&["CommunicationRequest"], "occurrence", Date, "occurrenceDateTime | occurrencePeriod", "When the communication is to happen"),
-    param!(&["CommunicationRequest"], "authored", Date, "authoredOn", "When the request was authored"),
-    param!(&["CommunicationRequest"], "requester", Reference, "requester", "Who asked for the communication"),
-    param!(&["CommunicationRequest"], "priority", Token, "priority", "routine | urgent | asap | stat"),
+    param!(
+        &["CommunicationRequest"],
+        "status",
+        Token,
+        "status",
+        "Status of the request"
+    ),
+    param!(
+        &["CommunicationRequest"],
+        "recipient",
+        Reference,
+        "recipient",
+        "A recipient"
+    ),
+    param!(
+        &["CommunicationRequest"],
+        "identifier",
+        Token,
+        "identifier",
+        "An identifier of the request"
+    ),
+    param!(
+        &["CommunicationRequest"],
+        "group-identifier",
+        Token,
+        "groupIdentifier",
+        "Identifier shared by requests of one submission"
+    ),
+    param!(
+        &["CommunicationRequest"],
+        "category",
+        Token,
+        "category",
+        "Message category"
+    ),
+    param!(
+        &["CommunicationRequest"],
+        "occurrence",
+        Date,
+        "occurrenceDateTime | occurrencePeriod",
+        "When the communication is to happen"
+    ),
+    param!(
+        &["CommunicationRequest"],
+        "authored",
+        Date,
+        "authoredOn",
+        "When the request was authored"
+    ),
+    param!(
+        &["CommunicationRequest"],
+        "requester",
+        Reference,
+        "requester",
+        "Who asked for the communication"
+    ),
+    param!(
+        &["CommunicationRequest"],
+        "priority",
+        Token,
+        "priority",
+        "routine | urgent | asap | stat"
+    ),
     // Communication
-    param!(&["Communication"], "based-on", Reference, "basedOn", "The request this communication fulfils"),
-    param!(&["Communication"], "part-of", Reference, "partOf", "The event this communication is part of"),
-    param!(&["Communication"], "status", Token, "status", "Status of the communication"),
-    param!(&["Communication"], "recipient", Reference, "recipient", "A recipient"),
-    param!(&["Communication"], "sender", Reference, "sender", "The sender"),
+    param!(
+        &["Communication"],
+        "based-on",
+        Reference,
+        "basedOn",
+        "The request this communication fulfils"
+    ),
+    param!(
+        &["Communication"],
+        "part-of",
+        Reference,
+        "partOf",
+        "The event this communication is part of"
+    ),
+    param!(
+        &["Communication"],
+        "status",
+        Token,
+        "status",
+        "Status of the communication"
+    ),
+    param!(
+        &["Communication"],
+        "recipient",
+        Reference,
+        "recipient",
+        "A recipient"
+    ),
+    param!(
+        &["Communication"],
+        "sender",
+        Reference,
+        "sender",
+        "The sender"
+    ),
     param!(&["Communication"], "sent", Date, "sent", "When it was sent"),
-    param!(&["Communication"], "received", Date, "received", "When it was received"),
-    param!(&["Communication"], "identifier", Token, "identifier", "An identifier of the communication"),
-    param!(&["Communication"], "category", Token, "category", "Message category"),
+    param!(
+        &["Communication"],
+        "received",
+        Date,
+        "received",
+        "When it was received"
+    ),
+    param!(
+        &["Communication"],
+        "identifier",
+        Token,
+        "identifier",
+        "An identifier of the communication"
+    ),
+    param!(
+        &["Communication"],
+        "category",
+        Token,
+        "category",
+        "Message category"
+    ),
     // QuestionnaireResponse
-    param!(&["QuestionnaireResponse"], "subject", Reference, "subject", "Who or what the answers are about"),
-    param!(&["QuestionnaireResponse"], "questionnaire", Uri, "questionnaire", "The questionnaire (canonical URL)"),
-    param!(&["QuestionnaireResponse"], "status", Token, "status", "Status of the response"),
-    param!(&["QuestionnaireResponse"], "authored", Date, "authored", "When the answers were given"),
-    param!(&["QuestionnaireResponse"], "identifier", Token, "identifier", "An identifier of the response"),
+    param!(
+        &["QuestionnaireResponse"],
+        "subject",
+        Reference,
+        "subject",
+        "Who or what the answers are about"
+    ),
+    param!(
+        &["QuestionnaireResponse"],
+        "questionnaire",
+        Uri,
+        "questionnaire",
+        "The questionnaire (canonical URL)"
+    ),
+    param!(
+        &["QuestionnaireResponse"],
+        "status",
+        Token,
+        "status",
+        "Status of the response"
+    ),
+    param!(
+        &["QuestionnaireResponse"],
+        "authored",
+        Date,
+        "authored",
+        "When the answers were given"
+    ),
+    param!(
+        &["QuestionnaireResponse"],
+        "identifier",
+        Token,
+        "identifier",
+        "An identifier of the response"
+    ),
     // Basic
     param!(&["Basic"], "code", Token, "code", "Kind of resource"),
-    param!(&["Basic"], "subject", Reference, "subject", "What the resource is about"),
-    param!(&["Basic"], "identifier", Token, "identifier", "An identifier of the resource"),
+    param!(
+        &["Basic"],
+        "subject",
+        Reference,
+        "subject",
+        "What the resource is about"
+    ),
+    param!(
+        &["Basic"],
+        "identifier",
+        Token,
+        "identifier",
+        "An identifier of the resource"
+    ),
     // Canonical resources
-    param!(&["Questionnaire", "CodeSystem", "ValueSet", "StructureDefinition", "SearchParameter"], "url", Uri, "url", "Canonical URL"),
-    param!(&["Questionnaire", "CodeSystem", "ValueSet", "StructureDefinition", "SearchParameter"], "name", String, "name", "Computer-friendly name"),
-    param!(&["Questionnaire", "CodeSystem", "ValueSet", "StructureDefinition", "SearchParameter", "Subscription"], "status", Token, "status", "Status"),
-    param!(&["Questionnaire", "CodeSystem", "ValueSet"], "identifier", Token, "identifier", "An identifier"),
+    param!(
+        &[
+            "Questionnaire",
+            "CodeSystem",
+            "ValueSet",
+            "StructureDefinition",
+            "SearchParameter"
+        ],
+        "url",
+        Uri,
+        "url",
+        "Canonical URL"
+    ),
+    param!(
+        &[
+            "Questionnaire",
+            "CodeSystem",
+            "ValueSet",
+            "StructureDefinition",
+            "SearchParameter"
+        ],
+        "name",
+        String,
+        "name",
+        "Computer-friendly name"
+    ),
+    param!(
+        &[
+            "Questionnaire",
+            "CodeSystem",
+            "ValueSet",
+            "StructureDefinition",
+            "SearchParameter",
+            "Subscription"
+        ],
+        "status",
+        Token,
+        "status",
+        "Status"
+    ),
+    param!(
+        &["Questionnaire", "CodeSystem", "ValueSet"],
+        "identifier",
+        Token,
+        "identifier",
+        "An identifier"
+    ),
     // Provenance, AuditEvent
-    param!(&["Provenance"], "target", Reference, "target", "The resource the provenance is about"),
-    param!(&["Provenance"], "recorded", Date, "recorded", "When the activity was recorded"),
-    param!(&["AuditEvent"], "date", Date, "recorded", "When the event was recorded"),
-    param!(&["AuditEvent"], "entity", Reference, "entity.what", "A resource the event is about"),
+    param!(
+        &["Provenance"],
+        "target",
+        Reference,
+        "target",
+        "The resource the provenance is about"
+    ),
+    param!(
+        &["Provenance"],
+        "recorded",
+        Date,
+        "recorded",
+        "When the activity was recorded"
+    ),
+    param!(
+        &["AuditEvent"],
+        "date",
+        Date,
+        "recorded",
+        "When the event was recorded"
+    ),
+    param!(
+        &["AuditEvent"],
+        "entity",
+        Reference,
+        "entity.what",
+        "A resource the event is about"
+    ),
 ];
 
 /// An allowed `_include` (and, read backwards, `_revinclude`):
@@ -165,21 +592,59 @@ pub struct IncludeDef {
 }
 
 pub const INCLUDES: &[IncludeDef] = &[
-    IncludeDef { source: "PractitionerRole", param: "practitioner", targets: &["Practitioner"] },
-    IncludeDef { source: "PractitionerRole", param: "location", targets: &["Location"] },
-    IncludeDef { source: "PractitionerRole", param: "organization", targets: &["Organization"] },
-    IncludeDef { source: "Group", param: "member", targets: &["Practitioner", "Patient", "Person", "RelatedPerson", "PractitionerRole", "Group", "Location", "Organization", "HealthcareService"] },
-    IncludeDef { source: "Location", param: "partof", targets: &["Location"] },
-    IncludeDef { source: "Communication", param: "based-on", targets: &["CommunicationRequest"] },
+    IncludeDef {
+        source: "PractitionerRole",
+        param: "practitioner",
+        targets: &["Practitioner"],
+    },
+    IncludeDef {
+        source: "PractitionerRole",
+        param: "location",
+        targets: &["Location"],
+    },
+    IncludeDef {
+        source: "PractitionerRole",
+        param: "organization",
+        targets: &["Organization"],
+    },
+    IncludeDef {
+        source: "Group",
+        param: "member",
+        targets: &[
+            "Practitioner",
+            "Patient",
+            "Person",
+            "RelatedPerson",
+            "PractitionerRole",
+            "Group",
+            "Location",
+            "Organization",
+            "HealthcareService",
+        ],
+    },
+    IncludeDef {
+        source: "Location",
+        param: "partof",
+        targets: &["Location"],
+    },
+    IncludeDef {
+        source: "Communication",
+        param: "based-on",
+        targets: &["CommunicationRequest"],
+    },
 ];
 
 fn applies(def: &SearchParamDef, resource_type: &str) -> bool {
-    def.resource_types.iter().any(|t| *t == "*" || *t == resource_type)
+    def.resource_types
+        .iter()
+        .any(|t| *t == "*" || *t == resource_type)
 }
 
 /// The indexed parameters of one type.
 pub fn params_for(resource_type: &str) -> impl Iterator<Item = &'static SearchParamDef> + '_ {
-    SEARCH_PARAMS.iter().filter(move |d| applies(d, resource_type))
+    SEARCH_PARAMS
+        .iter()
+        .filter(move |d| applies(d, resource_type))
 }
 
 /// Look up a parameter (indexed or column) by name for a type.
@@ -201,7 +666,9 @@ pub fn names_for(resource_type: &str) -> Vec<&'static str> {
 }
 
 pub fn find_include(source: &str, param: &str) -> Option<&'static IncludeDef> {
-    INCLUDES.iter().find(|i| i.source == source && i.param == param)
+    INCLUDES
+        .iter()
+        .find(|i| i.source == source && i.param == param)
 }
 
 #[cfg(test)]

@@ -20,13 +20,29 @@ impl FhirStore for HttpFhirStore {
     fn backend_name(&self) -> &'static str {
         "http"
     }
-    async fn create(&self, _resource: Value, _if_none_exist: Option<&str>) -> StoreResult<WriteOutcome> {
+    async fn create(
+        &self,
+        _resource: Value,
+        _if_none_exist: Option<&str>,
+    ) -> StoreResult<WriteOutcome> {
         todo!()
     }
-    async fn update(&self, _t: &str, _id: &str, _resource: Value, _if_match: Option<&str>) -> StoreResult<WriteOutcome> {
+    async fn update(
+        &self,
+        _t: &str,
+        _id: &str,
+        _resource: Value,
+        _if_match: Option<&str>,
+    ) -> StoreResult<WriteOutcome> {
         todo!()
     }
-    async fn conditional_update(&self, _t: &str, _q: &str, _resource: Value, _if_match: Option<&str>) -> StoreResult<WriteOutcome> {
+    async fn conditional_update(
+        &self,
+        _t: &str,
+        _q: &str,
+        _resource: Value,
+        _if_match: Option<&str>,
+    ) -> StoreResult<WriteOutcome> {
         todo!()
     }
     async fn read(&self, _t: &str, _id: &str) -> StoreResult<StoredResource> {
@@ -35,7 +51,12 @@ impl FhirStore for HttpFhirStore {
     async fn vread(&self, _t: &str, _id: &str, _v: &str) -> StoreResult<StoredResource> {
         todo!()
     }
-    async fn delete(&self, _t: &str, _id: &str, _if_match: Option<&str>) -> StoreResult<Option<String>> {
+    async fn delete(
+        &self,
+        _t: &str,
+        _id: &str,
+        _if_match: Option<&str>,
+    ) -> StoreResult<Option<String>> {
         todo!()
     }
     async fn search(&self, _request: SearchRequest) -> StoreResult<SearchPage> {

@@ -8,6 +8,7 @@
 //! `tests/store_contract.rs`.
 
 pub mod http;
+pub mod metered;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -179,7 +180,9 @@ pub enum StoreError {
         version_id: String,
     },
     /// `If-Match` did not match the current version (412).
-    #[error("version conflict on {reference}: If-Match expected version {expected}, current is {current}")]
+    #[error(
+        "version conflict on {reference}: If-Match expected version {expected}, current is {current}"
+    )]
     VersionConflict {
         reference: String,
         expected: String,
@@ -239,8 +242,11 @@ pub trait FhirStore: Send + Sync + 'static {
     /// Create with a server-assigned id. With `if_none_exist` (a search query
     /// string such as `identifier=urn:x|1`): one match returns it unchanged,
     /// several matches fail with `MultipleMatches`.
-    async fn create(&self, resource: Value, if_none_exist: Option<&str>)
-    -> StoreResult<WriteOutcome>;
+    async fn create(
+        &self,
+        resource: Value,
+        if_none_exist: Option<&str>,
+    ) -> StoreResult<WriteOutcome>;
 
     /// Update (or create with the client's id). `if_match` is a version id.
     async fn update(

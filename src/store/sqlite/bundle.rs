@@ -14,21 +14,55 @@ use serde_json::{Value, json};
 
 use super::{rows, search};
 use crate::fhir::bundle::{entry_response, searchset, status_line};
-use crate::fhir::resource_types::{ensure_supported, ensure_valid_id, json_kind, validate_resource};
+use crate::fhir::resource_types::{
+    ensure_supported, ensure_valid_id, json_kind, validate_resource,
+};
 use crate::store::{SearchPage, StoreError, StoreResult, WriteKind};
 
 /// What one entry asks for.
 #[derive(Debug, Clone)]
 enum Operation {
     /// `assigned_id` is set when a transaction has already chosen the new id.
-    Create { resource_type: String, resource: Value, if_none_exist: Option<String>, assigned_id: Option<String> },
-    Update { resource_type: String, id: String, resource: Value, if_match: Option<String> },
-    ConditionalUpdate { resource_type: String, query: String, resource: Value, if_match: Option<String> },
-    Delete { resource_type: String, id: String, if_match: Option<String> },
-    ConditionalDelete { resource_type: String, query: String },
-    Read { resource_type: String, id: String },
-    VRead { resource_type: String, id: String, version_id: String },
-    Search { resource_type: String, query: String },
+    Create {
+        resource_type: String,
+        resource: Value,
+        if_none_exist: Option<String>,
+        assigned_id: Option<String>,
+    },
+    Update {
+        resource_type: String,
+        id: String,
+        resource: Value,
+        if_match: Option<String>,
+    },
+    ConditionalUpdate {
+        resource_type: String,
+        query: String,
+        resource: Value,
+        if_match: Option<String>,
+    },
+    Delete {
+        resource_type: String,
+        id: String,
+        if_match: Option<String>,
+    },
+    ConditionalDelete {
+        resource_type: String,
+        query: String,
+    },
+    Read {
+        resource_type: String,
+        id: String,
+    },
+    VRead {
+        resource_type: String,
+        id: String,
+        version_id: String,
+    },
+    Search {
+        resource_type: String,
+        query: String,
+    },
 }
 
 impl Operation {
@@ -61,10 +95,23 @@ fn relative_url(url: &str) -> &str {
 }
 
 fn parse_entry(entry: &Value) -> StoreResult<Operation> {
-    let request = entry.get("request").ok_or_else(|| StoreError::Invalid("the entry has no request".into()))?;
-    let method = request.get("method").and_then(Value::as_str).ok_or_else(|| StoreError::Invalid("request.method is missing".into()))?;
-    let url = request.get("url").and_then(Value::as_str).ok_or_else(|| StoreError::Invalid("request.url is missing".into()))?;
-    let header = |name: &str| request.get(name).and_then(Value::as_str).map(str::to_string);
+    let request = entry
+        .get("request")
+        .ok_or_else(|| StoreError::Invalid("the entry has no request".into()))?;
+    let method = request
+        .get("method")
+        .and_then(Value::as_str)
+        .ok_or_else(|| StoreError::Invalid("request.method is missing".into()))?;
+    let url = request
+        .get("url")
+        .and_then(Value::as_str)
+        .ok_or_else(|| StoreError::Invalid("request.url is missing".into()))?;
+    let header = |name: &str| {
+        request
+            .get(name)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
     let url = relative_url(url);
     let (path, query) = match url.split_once('?') {
         Some((p, q)) => (p, Some(q.to_string())),
@@ -72,20 +119,32 @@ fn parse_entry(entry: &Value) -> StoreResult<Operation> {
     };
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     if let Some(op) = segments.iter().find(|s| s.starts_with('$')) {
-        return Err(StoreError::Unprocessable(format!("the operation {op} is not supported in a Bundle")));
+        return Err(StoreError::Unprocessable(format!(
+            "the operation {op} is not supported in a Bundle"
+        )));
     }
-    let resource_type = segments.first().copied().ok_or_else(|| StoreError::Invalid(format!("request.url '{url}' names no resource type")))?;
+    let resource_type = segments.first().copied().ok_or_else(|| {
+        StoreError::Invalid(format!("request.url '{url}' names no resource type"))
+    })?;
     ensure_supported(resource_type)?;
     let type_name = resource_type;
     let body = || -> StoreResult<Value> {
-        let resource = entry.get("resource").cloned().ok_or_else(|| StoreError::Invalid(format!("{method} {url} has no resource")))?;
+        let resource = entry
+            .get("resource")
+            .cloned()
+            .ok_or_else(|| StoreError::Invalid(format!("{method} {url} has no resource")))?;
         validate_resource(&resource, Some(type_name))?;
         Ok(resource)
     };
     let resource_type = resource_type.to_string();
     let if_match = header("ifMatch").and_then(|v| crate::store::parse_etag(&v));
     match (method, segments.len(), query) {
-        ("POST", 1, None) => Ok(Operation::Create { resource_type, resource: body()?, if_none_exist: header("ifNoneExist"), assigned_id: None }),
+        ("POST", 1, None) => Ok(Operation::Create {
+            resource_type,
+            resource: body()?,
+            if_none_exist: header("ifNoneExist"),
+            assigned_id: None,
+        }),
         ("PUT", 2, None) => {
             let id = segments[1].to_string();
             ensure_valid_id(&id)?;
@@ -93,79 +152,144 @@ fn parse_entry(entry: &Value) -> StoreResult<Operation> {
             if let Some(body_id) = resource.get("id").and_then(Value::as_str)
                 && body_id != id
             {
-                return Err(StoreError::Invalid(format!("the resource id '{body_id}' does not match '{id}' in request.url")));
+                return Err(StoreError::Invalid(format!(
+                    "the resource id '{body_id}' does not match '{id}' in request.url"
+                )));
             }
-            Ok(Operation::Update { resource_type, id, resource, if_match })
+            Ok(Operation::Update {
+                resource_type,
+                id,
+                resource,
+                if_match,
+            })
         }
-        ("PUT", 1, Some(query)) => Ok(Operation::ConditionalUpdate { resource_type, query, resource: body()?, if_match }),
-        ("DELETE", 2, None) => Ok(Operation::Delete { resource_type, id: segments[1].to_string(), if_match }),
-        ("DELETE", 1, Some(query)) => Ok(Operation::ConditionalDelete { resource_type, query }),
-        ("GET", 2, _) => Ok(Operation::Read { resource_type, id: segments[1].to_string() }),
-        ("GET", 4, _) if segments[2] == "_history" => {
-            Ok(Operation::VRead { resource_type, id: segments[1].to_string(), version_id: segments[3].to_string() })
-        }
-        ("GET", 1, query) => Ok(Operation::Search { resource_type, query: query.unwrap_or_default() }),
-        _ => Err(StoreError::Invalid(format!("{method} {url} is not a supported Bundle request"))),
+        ("PUT", 1, Some(query)) => Ok(Operation::ConditionalUpdate {
+            resource_type,
+            query,
+            resource: body()?,
+            if_match,
+        }),
+        ("DELETE", 2, None) => Ok(Operation::Delete {
+            resource_type,
+            id: segments[1].to_string(),
+            if_match,
+        }),
+        ("DELETE", 1, Some(query)) => Ok(Operation::ConditionalDelete {
+            resource_type,
+            query,
+        }),
+        ("GET", 2, _) => Ok(Operation::Read {
+            resource_type,
+            id: segments[1].to_string(),
+        }),
+        ("GET", 4, _) if segments[2] == "_history" => Ok(Operation::VRead {
+            resource_type,
+            id: segments[1].to_string(),
+            version_id: segments[3].to_string(),
+        }),
+        ("GET", 1, query) => Ok(Operation::Search {
+            resource_type,
+            query: query.unwrap_or_default(),
+        }),
+        _ => Err(StoreError::Invalid(format!(
+            "{method} {url} is not a supported Bundle request"
+        ))),
     }
 }
 
 /// Check the Bundle's shape and return its type and entries.
 pub fn bundle_parts(bundle: &Value) -> StoreResult<(&str, Vec<Value>)> {
     if !bundle.is_object() {
-        return Err(StoreError::Invalid(format!("the body must be a Bundle (a JSON object), not {}", json_kind(bundle))));
+        return Err(StoreError::Invalid(format!(
+            "the body must be a Bundle (a JSON object), not {}",
+            json_kind(bundle)
+        )));
     }
     match bundle.get("resourceType").and_then(Value::as_str) {
         Some("Bundle") => {}
-        Some(other) => return Err(StoreError::Invalid(format!("POST to the base expects a Bundle, not {other}"))),
+        Some(other) => {
+            return Err(StoreError::Invalid(format!(
+                "POST to the base expects a Bundle, not {other}"
+            )));
+        }
         None => return Err(StoreError::Invalid("the body has no resourceType".into())),
     }
     let kind = bundle.get("type").and_then(Value::as_str).unwrap_or("");
     if kind != "batch" && kind != "transaction" {
-        return Err(StoreError::Invalid(format!("Bundle.type must be batch or transaction, not '{kind}'")));
+        return Err(StoreError::Invalid(format!(
+            "Bundle.type must be batch or transaction, not '{kind}'"
+        )));
     }
     let entries = match bundle.get("entry") {
         None => Vec::new(),
         Some(Value::Array(entries)) => entries.clone(),
-        Some(other) => return Err(StoreError::Invalid(format!("Bundle.entry must be an array, not {}", json_kind(other)))),
+        Some(other) => {
+            return Err(StoreError::Invalid(format!(
+                "Bundle.entry must be an array, not {}",
+                json_kind(other)
+            )));
+        }
     };
     Ok((kind, entries))
 }
 
 fn describe(entry: &Value) -> String {
     let request = entry.get("request");
-    let method = request.and_then(|r| r.get("method")).and_then(Value::as_str).unwrap_or("?");
-    let url = request.and_then(|r| r.get("url")).and_then(Value::as_str).unwrap_or("?");
+    let method = request
+        .and_then(|r| r.get("method"))
+        .and_then(Value::as_str)
+        .unwrap_or("?");
+    let url = request
+        .and_then(|r| r.get("url"))
+        .and_then(Value::as_str)
+        .unwrap_or("?");
     match entry.get("fullUrl").and_then(Value::as_str) {
         Some(full) => format!("{method} {url}, fullUrl {full}"),
         None => format!("{method} {url}"),
     }
 }
 
-fn resolve_single(conn: &Connection, resource_type: &str, query: &str) -> StoreResult<Option<String>> {
+fn resolve_single(
+    conn: &Connection,
+    resource_type: &str,
+    query: &str,
+) -> StoreResult<Option<String>> {
     let ids = search::matching_ids(conn, resource_type, query, 2)?;
     match ids.len() {
         0 => Ok(None),
         1 => Ok(ids.into_iter().next()),
-        _ => Err(StoreError::MultipleMatches(format!("the condition {resource_type}?{query} matches more than one resource"))),
+        _ => Err(StoreError::MultipleMatches(format!(
+            "the condition {resource_type}?{query} matches more than one resource"
+        ))),
     }
 }
 
 /// Rewrite `reference` values through `map`; resolve conditional references.
-fn rewrite_references(conn: &Connection, value: &mut Value, map: &HashMap<String, String>) -> StoreResult<()> {
+fn rewrite_references(
+    conn: &Connection,
+    value: &mut Value,
+    map: &HashMap<String, String>,
+) -> StoreResult<()> {
     match value {
         Value::Object(object) => {
             if let Some(Value::String(reference)) = object.get_mut("reference") {
                 if let Some(target) = map.get(reference.as_str()) {
                     *reference = target.clone();
                 } else if reference.starts_with("urn:uuid:") || reference.starts_with("urn:oid:") {
-                    return Err(StoreError::Invalid(format!("reference {reference} does not match the fullUrl of any entry in the transaction")));
+                    return Err(StoreError::Invalid(format!(
+                        "reference {reference} does not match the fullUrl of any entry in the transaction"
+                    )));
                 } else if let Some((resource_type, query)) = reference.split_once('?')
                     && !resource_type.contains('/')
                 {
                     ensure_supported(resource_type)?;
                     match resolve_single(conn, resource_type, query)? {
                         Some(id) => *reference = format!("{resource_type}/{id}"),
-                        None => return Err(StoreError::Invalid(format!("conditional reference {reference} matches no resource"))),
+                        None => {
+                            return Err(StoreError::Invalid(format!(
+                                "conditional reference {reference} matches no resource"
+                            )));
+                        }
                     }
                 }
             }
@@ -193,7 +317,12 @@ fn write_status(kind: WriteKind) -> &'static str {
 /// Run one resolved operation; returns the entry (response and maybe resource).
 fn run(conn: &Connection, op: Operation) -> StoreResult<Value> {
     match op {
-        Operation::Create { resource_type, resource, if_none_exist, assigned_id } => {
+        Operation::Create {
+            resource_type,
+            resource,
+            if_none_exist,
+            assigned_id,
+        } => {
             if let Some(query) = if_none_exist
                 && let Some(id) = resolve_single(conn, &resource_type, &query)?
             {
@@ -202,25 +331,52 @@ fn run(conn: &Connection, op: Operation) -> StoreResult<Value> {
             }
             let id = assigned_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
             let outcome = rows::put(conn, &resource_type, &id, resource, None)?;
-            Ok(json!({ "response": entry_response(write_status(outcome.kind), Some(&outcome.stored)) }))
+            Ok(
+                json!({ "response": entry_response(write_status(outcome.kind), Some(&outcome.stored)) }),
+            )
         }
-        Operation::Update { resource_type, id, resource, if_match } => {
+        Operation::Update {
+            resource_type,
+            id,
+            resource,
+            if_match,
+        } => {
             let outcome = rows::put(conn, &resource_type, &id, resource, if_match.as_deref())?;
-            Ok(json!({ "response": entry_response(write_status(outcome.kind), Some(&outcome.stored)) }))
+            Ok(
+                json!({ "response": entry_response(write_status(outcome.kind), Some(&outcome.stored)) }),
+            )
         }
-        Operation::ConditionalUpdate { resource_type, query, resource, if_match } => {
+        Operation::ConditionalUpdate {
+            resource_type,
+            query,
+            resource,
+            if_match,
+        } => {
             let id = match resolve_single(conn, &resource_type, &query)? {
                 Some(id) => id,
-                None => resource.get("id").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+                None => resource
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
             };
             let outcome = rows::put(conn, &resource_type, &id, resource, if_match.as_deref())?;
-            Ok(json!({ "response": entry_response(write_status(outcome.kind), Some(&outcome.stored)) }))
+            Ok(
+                json!({ "response": entry_response(write_status(outcome.kind), Some(&outcome.stored)) }),
+            )
         }
-        Operation::Delete { resource_type, id, if_match } => {
+        Operation::Delete {
+            resource_type,
+            id,
+            if_match,
+        } => {
             rows::delete(conn, &resource_type, &id, if_match.as_deref())?;
             Ok(json!({ "response": entry_response("204 No Content", None) }))
         }
-        Operation::ConditionalDelete { resource_type, query } => {
+        Operation::ConditionalDelete {
+            resource_type,
+            query,
+        } => {
             if let Some(id) = resolve_single(conn, &resource_type, &query)? {
                 rows::delete(conn, &resource_type, &id, None)?;
             }
@@ -228,13 +384,24 @@ fn run(conn: &Connection, op: Operation) -> StoreResult<Value> {
         }
         Operation::Read { resource_type, id } => {
             let stored = rows::read(conn, &resource_type, &id)?;
-            Ok(json!({ "resource": stored.resource, "response": entry_response("200 OK", Some(&stored)) }))
+            Ok(
+                json!({ "resource": stored.resource, "response": entry_response("200 OK", Some(&stored)) }),
+            )
         }
-        Operation::VRead { resource_type, id, version_id } => {
+        Operation::VRead {
+            resource_type,
+            id,
+            version_id,
+        } => {
             let stored = rows::vread(conn, &resource_type, &id, &version_id)?;
-            Ok(json!({ "resource": stored.resource, "response": entry_response("200 OK", Some(&stored)) }))
+            Ok(
+                json!({ "resource": stored.resource, "response": entry_response("200 OK", Some(&stored)) }),
+            )
         }
-        Operation::Search { resource_type, query } => {
+        Operation::Search {
+            resource_type,
+            query,
+        } => {
             let params = search::parse_query(&query);
             let plan = search::plan(&resource_type, &params, false)?;
             let page: SearchPage = search::execute(conn, &plan, None)?;
@@ -246,7 +413,11 @@ fn run(conn: &Connection, op: Operation) -> StoreResult<Value> {
 
 /// A transaction on `conn`, which the caller wraps in BEGIN/COMMIT.
 pub fn transaction(conn: &Connection, entries: &[Value]) -> StoreResult<Value> {
-    let fail = |index: usize, error: StoreError| StoreError::TransactionEntry { index, what: describe(&entries[index]), source: Box::new(error) };
+    let fail = |index: usize, error: StoreError| StoreError::TransactionEntry {
+        index,
+        what: describe(&entries[index]),
+        source: Box::new(error),
+    };
     let mut operations = Vec::with_capacity(entries.len());
     for (index, entry) in entries.iter().enumerate() {
         operations.push(parse_entry(entry).map_err(|e| fail(index, e))?);
@@ -256,11 +427,21 @@ pub fn transaction(conn: &Connection, entries: &[Value]) -> StoreResult<Value> {
     let mut map: HashMap<String, String> = HashMap::new();
     let mut written: HashSet<String> = HashSet::new();
     for (index, op) in operations.iter_mut().enumerate() {
-        let full_url = entries[index].get("fullUrl").and_then(Value::as_str).map(str::to_string);
+        let full_url = entries[index]
+            .get("fullUrl")
+            .and_then(Value::as_str)
+            .map(str::to_string);
         let identity = match op {
-            Operation::Create { resource_type, if_none_exist, assigned_id, .. } => {
+            Operation::Create {
+                resource_type,
+                if_none_exist,
+                assigned_id,
+                ..
+            } => {
                 let existing = match if_none_exist.as_deref() {
-                    Some(query) => resolve_single(conn, resource_type, query).map_err(|e| fail(index, e))?,
+                    Some(query) => {
+                        resolve_single(conn, resource_type, query).map_err(|e| fail(index, e))?
+                    }
                     None => None,
                 };
                 let is_new = existing.is_none();
@@ -271,33 +452,58 @@ pub fn transaction(conn: &Connection, entries: &[Value]) -> StoreResult<Value> {
                 }
                 format!("{resource_type}/{id}")
             }
-            Operation::Update { resource_type, id, .. } => format!("{resource_type}/{id}"),
-            Operation::ConditionalUpdate { resource_type, query, resource, if_match } => {
-                let id = match resolve_single(conn, resource_type, query).map_err(|e| fail(index, e))? {
-                    Some(id) => id,
-                    None => uuid::Uuid::new_v4().to_string(),
-                };
+            Operation::Update {
+                resource_type, id, ..
+            } => format!("{resource_type}/{id}"),
+            Operation::ConditionalUpdate {
+                resource_type,
+                query,
+                resource,
+                if_match,
+            } => {
+                let id =
+                    match resolve_single(conn, resource_type, query).map_err(|e| fail(index, e))? {
+                        Some(id) => id,
+                        None => uuid::Uuid::new_v4().to_string(),
+                    };
                 resource["id"] = json!(id);
-                let resolved = Operation::Update { resource_type: resource_type.clone(), id: id.clone(), resource: resource.clone(), if_match: if_match.clone() };
+                let resolved = Operation::Update {
+                    resource_type: resource_type.clone(),
+                    id: id.clone(),
+                    resource: resource.clone(),
+                    if_match: if_match.clone(),
+                };
                 let identity = format!("{resource_type}/{id}");
                 *op = resolved;
                 identity
             }
-            Operation::Delete { resource_type, id, .. } => format!("{resource_type}/{id}"),
-            Operation::ConditionalDelete { resource_type, query } => {
-                match resolve_single(conn, resource_type, query).map_err(|e| fail(index, e))? {
-                    Some(id) => {
-                        let identity = format!("{resource_type}/{id}");
-                        *op = Operation::Delete { resource_type: resource_type.clone(), id, if_match: None };
-                        identity
-                    }
-                    None => continue,
+            Operation::Delete {
+                resource_type, id, ..
+            } => format!("{resource_type}/{id}"),
+            Operation::ConditionalDelete {
+                resource_type,
+                query,
+            } => match resolve_single(conn, resource_type, query).map_err(|e| fail(index, e))? {
+                Some(id) => {
+                    let identity = format!("{resource_type}/{id}");
+                    *op = Operation::Delete {
+                        resource_type: resource_type.clone(),
+                        id,
+                        if_match: None,
+                    };
+                    identity
                 }
-            }
+                None => continue,
+            },
             _ => continue,
         };
         if !written.insert(identity.clone()) {
-            return Err(fail(index, StoreError::Conflict(format!("{identity} is written by more than one entry of the transaction"))));
+            return Err(fail(
+                index,
+                StoreError::Conflict(format!(
+                    "{identity} is written by more than one entry of the transaction"
+                )),
+            ));
         }
         if let Some(full_url) = full_url {
             map.insert(full_url, identity);
@@ -362,7 +568,10 @@ mod tests {
 
     #[test]
     fn absolute_request_urls_become_relative() {
-        assert_eq!(relative_url("http://example.org/fhir/Patient/123"), "Patient/123");
+        assert_eq!(
+            relative_url("http://example.org/fhir/Patient/123"),
+            "Patient/123"
+        );
         assert_eq!(relative_url("/Patient?name=x"), "Patient?name=x");
         assert_eq!(relative_url("Patient"), "Patient");
     }

@@ -18,8 +18,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, pa
 use serde_json::Value;
 
 use super::{
-    BackendStatus, FhirStore, HistoryEntry, HistoryMethod, HistoryPage, HistoryRequest, SearchPage, SearchRequest, StoreError,
-    StoreResult, StoredResource, WriteKind, WriteOutcome,
+    BackendStatus, FhirStore, HistoryEntry, HistoryMethod, HistoryPage, HistoryRequest, SearchPage,
+    SearchRequest, StoreError, StoreResult, StoredResource, WriteKind, WriteOutcome,
 };
 use crate::fhir::resource_types::{ensure_supported, ensure_valid_id, validate_resource};
 
@@ -33,7 +33,10 @@ pub struct SqliteStore {
 }
 
 fn unavailable(reason: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable { backend: "embedded FHIR store".into(), reason: reason.to_string() }
+    StoreError::Unavailable {
+        backend: "embedded FHIR store".into(),
+        reason: reason.to_string(),
+    }
 }
 
 fn configure(conn: &Connection) -> StoreResult<()> {
@@ -51,12 +54,18 @@ impl SqliteStore {
         let opened_path = path.clone();
         let writer = tokio::task::spawn_blocking(move || -> StoreResult<Connection> {
             if let Some(parent) = opened_path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent).map_err(|e| unavailable(format!("cannot create {}: {e}", parent.display())))?;
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| unavailable(format!("cannot create {}: {e}", parent.display())))?;
             }
-            let conn = Connection::open(&opened_path).map_err(|e| unavailable(format!("cannot open {}: {e}", opened_path.display())))?;
-            let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
+            let conn = Connection::open(&opened_path)
+                .map_err(|e| unavailable(format!("cannot open {}: {e}", opened_path.display())))?;
+            let mode: String =
+                conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
             if !mode.eq_ignore_ascii_case("wal") {
-                return Err(unavailable(format!("{} cannot use WAL journaling (got {mode})", opened_path.display())));
+                return Err(unavailable(format!(
+                    "{} cannot use WAL journaling (got {mode})",
+                    opened_path.display()
+                )));
             }
             configure(&conn)?;
             conn.execute_batch(schema::SCHEMA)?;
@@ -65,7 +74,11 @@ impl SqliteStore {
         })
         .await
         .map_err(|e| StoreError::Internal(e.to_string()))??;
-        Ok(SqliteStore { path, writer: Arc::new(Mutex::new(writer)), readers: Arc::new(Mutex::new(Vec::new())) })
+        Ok(SqliteStore {
+            path,
+            writer: Arc::new(Mutex::new(writer)),
+            readers: Arc::new(Mutex::new(Vec::new())),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -81,7 +94,9 @@ impl SqliteStore {
     {
         let writer = Arc::clone(&self.writer);
         tokio::task::spawn_blocking(move || {
-            let mut conn = writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut conn = writer
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let value = work(&tx)?;
             tx.commit()?;
@@ -99,7 +114,9 @@ impl SqliteStore {
     {
         let writer = Arc::clone(&self.writer);
         tokio::task::spawn_blocking(move || {
-            let mut conn = writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut conn = writer
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             work(&mut conn)
         })
         .await
@@ -119,8 +136,11 @@ impl SqliteStore {
             let conn = match pooled {
                 Some(conn) => conn,
                 None => {
-                    let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-                        .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
+                    let conn = Connection::open_with_flags(
+                        &path,
+                        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                    )
+                    .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
                     configure(&conn)?;
                     conn
                 }
@@ -170,11 +190,18 @@ fn history_entries(conn: &Connection, request: &HistoryRequest) -> StoreResult<H
         let seq: i64 = cursor
             .strip_prefix("h.")
             .and_then(|s| s.parse().ok())
-            .ok_or_else(|| StoreError::Invalid(format!("invalid paging cursor '{cursor}'; start again from the first page")))?;
+            .ok_or_else(|| {
+                StoreError::Invalid(format!(
+                    "invalid paging cursor '{cursor}'; start again from the first page"
+                ))
+            })?;
         page_where.push_str(" AND seq < ?");
         binds.push(SqlValue::Integer(seq));
     }
-    let count = request.count.unwrap_or(DEFAULT_HISTORY_COUNT).min(search::MAX_COUNT);
+    let count = request
+        .count
+        .unwrap_or(DEFAULT_HISTORY_COUNT)
+        .min(search::MAX_COUNT);
     let sql = format!(
         "SELECT seq, res_type, res_id, version, last_updated_ms, method, body FROM versions WHERE {page_where} ORDER BY seq DESC LIMIT {}",
         count + 1
@@ -213,7 +240,11 @@ fn history_entries(conn: &Connection, request: &HistoryRequest) -> StoreResult<H
     Ok(HistoryPage {
         total: Some(total as u64),
         entries,
-        next_cursor: if has_more { last_seq.map(|s| format!("h.{s}")) } else { None },
+        next_cursor: if has_more {
+            last_seq.map(|s| format!("h.{s}"))
+        } else {
+            None
+        },
     })
 }
 
@@ -223,7 +254,11 @@ impl FhirStore for SqliteStore {
         "embedded"
     }
 
-    async fn create(&self, resource: Value, if_none_exist: Option<&str>) -> StoreResult<WriteOutcome> {
+    async fn create(
+        &self,
+        resource: Value,
+        if_none_exist: Option<&str>,
+    ) -> StoreResult<WriteOutcome> {
         let resource_type = validate_resource(&resource, None)?;
         let if_none_exist = if_none_exist.map(str::to_string);
         self.write(move |conn| {
@@ -231,7 +266,12 @@ impl FhirStore for SqliteStore {
                 let ids = search::matching_ids(conn, &resource_type, query, 2)?;
                 match ids.as_slice() {
                     [] => {}
-                    [id] => return Ok(WriteOutcome { kind: WriteKind::Unchanged, stored: rows::read(conn, &resource_type, id)? }),
+                    [id] => {
+                        return Ok(WriteOutcome {
+                            kind: WriteKind::Unchanged,
+                            stored: rows::read(conn, &resource_type, id)?,
+                        });
+                    }
                     _ => {
                         return Err(StoreError::MultipleMatches(format!(
                             "If-None-Exist {query} matches more than one {resource_type}"
@@ -245,21 +285,44 @@ impl FhirStore for SqliteStore {
         .await
     }
 
-    async fn update(&self, resource_type: &str, id: &str, resource: Value, if_match: Option<&str>) -> StoreResult<WriteOutcome> {
+    async fn update(
+        &self,
+        resource_type: &str,
+        id: &str,
+        resource: Value,
+        if_match: Option<&str>,
+    ) -> StoreResult<WriteOutcome> {
         validate_resource(&resource, Some(resource_type))?;
         ensure_valid_id(id)?;
         if let Some(body_id) = resource.get("id").and_then(Value::as_str)
             && body_id != id
         {
-            return Err(StoreError::Invalid(format!("the id '{body_id}' in the body does not match '{id}' in the URL")));
+            return Err(StoreError::Invalid(format!(
+                "the id '{body_id}' in the body does not match '{id}' in the URL"
+            )));
         }
-        let (resource_type, id, if_match) = (resource_type.to_string(), id.to_string(), if_match.map(str::to_string));
-        self.write(move |conn| rows::put(conn, &resource_type, &id, resource, if_match.as_deref())).await
+        let (resource_type, id, if_match) = (
+            resource_type.to_string(),
+            id.to_string(),
+            if_match.map(str::to_string),
+        );
+        self.write(move |conn| rows::put(conn, &resource_type, &id, resource, if_match.as_deref()))
+            .await
     }
 
-    async fn conditional_update(&self, resource_type: &str, query: &str, resource: Value, if_match: Option<&str>) -> StoreResult<WriteOutcome> {
+    async fn conditional_update(
+        &self,
+        resource_type: &str,
+        query: &str,
+        resource: Value,
+        if_match: Option<&str>,
+    ) -> StoreResult<WriteOutcome> {
         validate_resource(&resource, Some(resource_type))?;
-        let (resource_type, query, if_match) = (resource_type.to_string(), query.to_string(), if_match.map(str::to_string));
+        let (resource_type, query, if_match) = (
+            resource_type.to_string(),
+            query.to_string(),
+            if_match.map(str::to_string),
+        );
         self.write(move |conn| {
             let ids = search::matching_ids(conn, &resource_type, &query, 2)?;
             let body_id = resource.get("id").and_then(Value::as_str).map(str::to_string);
@@ -283,40 +346,65 @@ impl FhirStore for SqliteStore {
     async fn read(&self, resource_type: &str, id: &str) -> StoreResult<StoredResource> {
         ensure_supported(resource_type)?;
         let (resource_type, id) = (resource_type.to_string(), id.to_string());
-        self.read_with(move |conn| rows::read(conn, &resource_type, &id)).await
+        self.read_with(move |conn| rows::read(conn, &resource_type, &id))
+            .await
     }
 
-    async fn vread(&self, resource_type: &str, id: &str, version_id: &str) -> StoreResult<StoredResource> {
+    async fn vread(
+        &self,
+        resource_type: &str,
+        id: &str,
+        version_id: &str,
+    ) -> StoreResult<StoredResource> {
         ensure_supported(resource_type)?;
-        let (resource_type, id, version_id) = (resource_type.to_string(), id.to_string(), version_id.to_string());
-        self.read_with(move |conn| rows::vread(conn, &resource_type, &id, &version_id)).await
+        let (resource_type, id, version_id) = (
+            resource_type.to_string(),
+            id.to_string(),
+            version_id.to_string(),
+        );
+        self.read_with(move |conn| rows::vread(conn, &resource_type, &id, &version_id))
+            .await
     }
 
-    async fn delete(&self, resource_type: &str, id: &str, if_match: Option<&str>) -> StoreResult<Option<String>> {
+    async fn delete(
+        &self,
+        resource_type: &str,
+        id: &str,
+        if_match: Option<&str>,
+    ) -> StoreResult<Option<String>> {
         ensure_supported(resource_type)?;
-        let (resource_type, id, if_match) = (resource_type.to_string(), id.to_string(), if_match.map(str::to_string));
-        self.write(move |conn| rows::delete(conn, &resource_type, &id, if_match.as_deref())).await
+        let (resource_type, id, if_match) = (
+            resource_type.to_string(),
+            id.to_string(),
+            if_match.map(str::to_string),
+        );
+        self.write(move |conn| rows::delete(conn, &resource_type, &id, if_match.as_deref()))
+            .await
     }
 
     async fn search(&self, request: SearchRequest) -> StoreResult<SearchPage> {
         ensure_supported(&request.resource_type)?;
         let plan = search::plan(&request.resource_type, &request.params, request.lenient)?;
-        self.read_with(move |conn| search::execute(conn, &plan, request.cursor.as_deref())).await
+        self.read_with(move |conn| search::execute(conn, &plan, request.cursor.as_deref()))
+            .await
     }
 
     async fn history(&self, request: HistoryRequest) -> StoreResult<HistoryPage> {
         if let Some(t) = &request.resource_type {
             ensure_supported(t)?;
         }
-        self.read_with(move |conn| history_entries(conn, &request)).await
+        self.read_with(move |conn| history_entries(conn, &request))
+            .await
     }
 
     async fn process_bundle(&self, bundle: Value) -> StoreResult<Value> {
         let (kind, entries) = bundle::bundle_parts(&bundle)?;
         if kind == "transaction" {
-            self.write(move |conn| bundle::transaction(conn, &entries)).await
+            self.write(move |conn| bundle::transaction(conn, &entries))
+                .await
         } else {
-            self.with_writer(move |conn| bundle::batch(conn, &entries)).await
+            self.with_writer(move |conn| bundle::batch(conn, &entries))
+                .await
         }
     }
 
@@ -324,11 +412,19 @@ impl FhirStore for SqliteStore {
         let path = self.path.display().to_string();
         let count = self
             .read_with(|conn| {
-                let n: Option<i64> =
-                    conn.query_row("SELECT count(*) FROM resources WHERE deleted = 0", params![], |r| r.get(0)).optional()?;
+                let n: Option<i64> = conn
+                    .query_row(
+                        "SELECT count(*) FROM resources WHERE deleted = 0",
+                        params![],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
                 Ok(n.unwrap_or(0))
             })
             .await?;
-        Ok(BackendStatus { name: "fhir (embedded SQLite)".into(), detail: format!("{path}: {count} resources") })
+        Ok(BackendStatus {
+            name: "fhir (embedded SQLite)".into(),
+            detail: format!("{path}: {count} resources"),
+        })
     }
 }

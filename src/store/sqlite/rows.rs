@@ -17,11 +17,17 @@ impl From<rusqlite::Error> for StoreError {
     fn from(error: rusqlite::Error) -> Self {
         match error.sqlite_error_code() {
             Some(rusqlite::ErrorCode::DatabaseBusy) | Some(rusqlite::ErrorCode::DatabaseLocked) => {
-                StoreError::Unavailable { backend: "embedded FHIR store".into(), reason: error.to_string() }
+                StoreError::Unavailable {
+                    backend: "embedded FHIR store".into(),
+                    reason: error.to_string(),
+                }
             }
-            Some(rusqlite::ErrorCode::CannotOpen) | Some(rusqlite::ErrorCode::ReadOnly) | Some(rusqlite::ErrorCode::DiskFull) => {
-                StoreError::Unavailable { backend: "embedded FHIR store".into(), reason: error.to_string() }
-            }
+            Some(rusqlite::ErrorCode::CannotOpen)
+            | Some(rusqlite::ErrorCode::ReadOnly)
+            | Some(rusqlite::ErrorCode::DiskFull) => StoreError::Unavailable {
+                backend: "embedded FHIR store".into(),
+                reason: error.to_string(),
+            },
             _ => StoreError::Internal(error.to_string()),
         }
     }
@@ -32,7 +38,8 @@ pub fn millis_to_instant(ms: i64) -> DateTime<Utc> {
 }
 
 fn parse_body(body: &str) -> StoreResult<Value> {
-    serde_json::from_str(body).map_err(|e| StoreError::Internal(format!("stored JSON is unreadable: {e}")))
+    serde_json::from_str(body)
+        .map_err(|e| StoreError::Internal(format!("stored JSON is unreadable: {e}")))
 }
 
 /// The current row of a resource.
@@ -44,7 +51,11 @@ pub struct CurrentRow {
     pub body: Option<String>,
 }
 
-pub fn current_row(conn: &Connection, resource_type: &str, id: &str) -> StoreResult<Option<CurrentRow>> {
+pub fn current_row(
+    conn: &Connection,
+    resource_type: &str,
+    id: &str,
+) -> StoreResult<Option<CurrentRow>> {
     let mut stmt = conn.prepare_cached(
         "SELECT rid, version, last_updated_ms, deleted, body FROM resources WHERE res_type = ?1 AND res_id = ?2",
     )?;
@@ -61,7 +72,13 @@ pub fn current_row(conn: &Connection, resource_type: &str, id: &str) -> StoreRes
         .optional()?)
 }
 
-pub fn stored_from_parts(resource_type: &str, id: &str, version: i64, last_updated_ms: i64, body: &str) -> StoreResult<StoredResource> {
+pub fn stored_from_parts(
+    resource_type: &str,
+    id: &str,
+    version: i64,
+    last_updated_ms: i64,
+    body: &str,
+) -> StoreResult<StoredResource> {
     Ok(StoredResource {
         resource: parse_body(body)?,
         resource_type: resource_type.to_string(),
@@ -79,22 +96,39 @@ pub fn read(conn: &Connection, resource_type: &str, id: &str) -> StoreResult<Sto
             id: id.to_string(),
             version_id: row.version.to_string(),
         }),
-        Some(row) => stored_from_parts(resource_type, id, row.version, row.last_updated_ms, row.body.as_deref().unwrap_or("{}")),
+        Some(row) => stored_from_parts(
+            resource_type,
+            id,
+            row.version,
+            row.last_updated_ms,
+            row.body.as_deref().unwrap_or("{}"),
+        ),
     }
 }
 
-pub fn vread(conn: &Connection, resource_type: &str, id: &str, version_id: &str) -> StoreResult<StoredResource> {
-    let version: i64 = version_id
-        .parse()
-        .map_err(|_| StoreError::not_found(resource_type, &format!("{id}/_history/{version_id}")))?;
+pub fn vread(
+    conn: &Connection,
+    resource_type: &str,
+    id: &str,
+    version_id: &str,
+) -> StoreResult<StoredResource> {
+    let version: i64 = version_id.parse().map_err(|_| {
+        StoreError::not_found(resource_type, &format!("{id}/_history/{version_id}"))
+    })?;
     let mut stmt = conn.prepare_cached(
         "SELECT v.last_updated_ms, v.body FROM versions v JOIN resources r ON r.rid = v.rid
          WHERE r.res_type = ?1 AND r.res_id = ?2 AND v.version = ?3",
     )?;
-    let row: Option<(i64, Option<String>)> =
-        stmt.query_row(params![resource_type, id, version], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+    let row: Option<(i64, Option<String>)> = stmt
+        .query_row(params![resource_type, id, version], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
     match row {
-        None => Err(StoreError::not_found(resource_type, &format!("{id}/_history/{version_id}"))),
+        None => Err(StoreError::not_found(
+            resource_type,
+            &format!("{id}/_history/{version_id}"),
+        )),
         Some((_, None)) => Err(StoreError::Gone {
             resource_type: resource_type.to_string(),
             id: id.to_string(),
@@ -118,8 +152,14 @@ fn content_of(resource: &Value) -> Value {
     copy
 }
 
-fn check_if_match(reference: &str, if_match: Option<&str>, current: Option<&CurrentRow>) -> StoreResult<()> {
-    let Some(expected) = if_match else { return Ok(()) };
+fn check_if_match(
+    reference: &str,
+    if_match: Option<&str>,
+    current: Option<&CurrentRow>,
+) -> StoreResult<()> {
+    let Some(expected) = if_match else {
+        return Ok(());
+    };
     let current_version = match current {
         Some(row) if !row.deleted => row.version.to_string(),
         Some(_) => "deleted".to_string(),
@@ -146,7 +186,13 @@ fn now_ms(previous_ms: Option<i64>) -> i64 {
 
 /// Write `resource` as the next version of `resource_type/id` (creating it
 /// if needed). The caller has validated the body.
-pub fn put(conn: &Connection, resource_type: &str, id: &str, mut resource: Value, if_match: Option<&str>) -> StoreResult<WriteOutcome> {
+pub fn put(
+    conn: &Connection,
+    resource_type: &str,
+    id: &str,
+    mut resource: Value,
+    if_match: Option<&str>,
+) -> StoreResult<WriteOutcome> {
     let reference = format!("{resource_type}/{id}");
     let current = current_row(conn, resource_type, id)?;
     check_if_match(&reference, if_match, current.as_ref())?;
@@ -160,7 +206,13 @@ pub fn put(conn: &Connection, resource_type: &str, id: &str, mut resource: Value
         if content_of(&existing) == content_of(&resource) {
             return Ok(WriteOutcome {
                 kind: WriteKind::Unchanged,
-                stored: stored_from_parts(resource_type, id, row.version, row.last_updated_ms, body)?,
+                stored: stored_from_parts(
+                    resource_type,
+                    id,
+                    row.version,
+                    row.last_updated_ms,
+                    body,
+                )?,
             });
         }
     }
@@ -179,7 +231,14 @@ pub fn put(conn: &Connection, resource_type: &str, id: &str, mut resource: Value
             )?
             .execute(params![row.rid, version, ms, sort_name, body])?;
             delete_index_rows(conn, row.rid)?;
-            (row.rid, if row.deleted { WriteKind::Created } else { WriteKind::Updated })
+            (
+                row.rid,
+                if row.deleted {
+                    WriteKind::Created
+                } else {
+                    WriteKind::Updated
+                },
+            )
         }
         None => {
             conn.prepare_cached(
@@ -190,7 +249,11 @@ pub fn put(conn: &Connection, resource_type: &str, id: &str, mut resource: Value
             (conn.last_insert_rowid(), WriteKind::Created)
         }
     };
-    let method = if kind == WriteKind::Created { "create" } else { "update" };
+    let method = if kind == WriteKind::Created {
+        "create"
+    } else {
+        "update"
+    };
     conn.prepare_cached(
         "INSERT INTO versions (rid, res_type, res_id, version, last_updated_ms, method, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?
@@ -211,10 +274,17 @@ pub fn put(conn: &Connection, resource_type: &str, id: &str, mut resource: Value
 
 /// Mark a resource deleted (a new version without a body). Returns the
 /// delete's version id, or `None` if there was nothing to delete.
-pub fn delete(conn: &Connection, resource_type: &str, id: &str, if_match: Option<&str>) -> StoreResult<Option<String>> {
+pub fn delete(
+    conn: &Connection,
+    resource_type: &str,
+    id: &str,
+    if_match: Option<&str>,
+) -> StoreResult<Option<String>> {
     let current = current_row(conn, resource_type, id)?;
     check_if_match(&format!("{resource_type}/{id}"), if_match, current.as_ref())?;
-    let Some(row) = current.filter(|r| !r.deleted) else { return Ok(None) };
+    let Some(row) = current.filter(|r| !r.deleted) else {
+        return Ok(None);
+    };
     let version = row.version + 1;
     let ms = now_ms(Some(row.last_updated_ms));
     conn.prepare_cached("UPDATE resources SET version = ?2, last_updated_ms = ?3, deleted = 1, body = NULL WHERE rid = ?1")?
@@ -228,7 +298,9 @@ pub fn delete(conn: &Connection, resource_type: &str, id: &str, if_match: Option
 }
 
 fn set_meta(resource: &mut Value, version: i64, last_updated: &DateTime<Utc>) {
-    let object = resource.as_object_mut().expect("validated resource is an object");
+    let object = resource
+        .as_object_mut()
+        .expect("validated resource is an object");
     let meta = object.entry("meta").or_insert_with(|| json!({}));
     if !meta.is_object() {
         *meta = json!({});
@@ -251,17 +323,29 @@ fn sort_name_of(resource: &Value, resource_type: &str) -> String {
 
 fn delete_index_rows(conn: &Connection, rid: i64) -> StoreResult<()> {
     for table in INDEX_TABLES {
-        conn.prepare_cached(&format!("DELETE FROM {table} WHERE rid = ?1"))?.execute([rid])?;
+        conn.prepare_cached(&format!("DELETE FROM {table} WHERE rid = ?1"))?
+            .execute([rid])?;
     }
     Ok(())
 }
 
-fn insert_index_rows(conn: &Connection, rid: i64, resource_type: &str, resource: &Value) -> StoreResult<()> {
-    let mut token = conn.prepare_cached("INSERT INTO idx_token (rid, res_type, param, system, code) VALUES (?1, ?2, ?3, ?4, ?5)")?;
-    let mut string = conn.prepare_cached("INSERT INTO idx_string (rid, res_type, param, folded, raw) VALUES (?1, ?2, ?3, ?4, ?5)")?;
+fn insert_index_rows(
+    conn: &Connection,
+    rid: i64,
+    resource_type: &str,
+    resource: &Value,
+) -> StoreResult<()> {
+    let mut token = conn.prepare_cached(
+        "INSERT INTO idx_token (rid, res_type, param, system, code) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    let mut string = conn.prepare_cached(
+        "INSERT INTO idx_string (rid, res_type, param, folded, raw) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
     let mut reference =
         conn.prepare_cached("INSERT INTO idx_reference (rid, res_type, param, target_type, target_id) VALUES (?1, ?2, ?3, ?4, ?5)")?;
-    let mut date = conn.prepare_cached("INSERT INTO idx_date (rid, res_type, param, low, high) VALUES (?1, ?2, ?3, ?4, ?5)")?;
+    let mut date = conn.prepare_cached(
+        "INSERT INTO idx_date (rid, res_type, param, low, high) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
     for def in params_for(resource_type) {
         for value in extract(resource, def) {
             match value {
@@ -269,13 +353,28 @@ fn insert_index_rows(conn: &Connection, rid: i64, resource_type: &str, resource:
                     token.execute(params![rid, resource_type, def.name, system, code])?;
                 }
                 IndexValue::Uri(uri) => {
-                    token.execute(params![rid, resource_type, def.name, Option::<String>::None, uri])?;
+                    token.execute(params![
+                        rid,
+                        resource_type,
+                        def.name,
+                        Option::<String>::None,
+                        uri
+                    ])?;
                 }
                 IndexValue::String { folded, raw } => {
                     string.execute(params![rid, resource_type, def.name, folded, raw])?;
                 }
-                IndexValue::Reference { target_type, target_id } => {
-                    reference.execute(params![rid, resource_type, def.name, target_type, target_id])?;
+                IndexValue::Reference {
+                    target_type,
+                    target_id,
+                } => {
+                    reference.execute(params![
+                        rid,
+                        resource_type,
+                        def.name,
+                        target_type,
+                        target_id
+                    ])?;
                 }
                 IndexValue::Date { low, high } => {
                     date.execute(params![rid, resource_type, def.name, low, high])?;

@@ -9,8 +9,8 @@ use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, params_from_iter};
 
 use super::rows::stored_from_parts;
-use crate::fhir::extract::{date_range, fold, parse_reference, IndexValue};
-use crate::fhir::search_params::{self, find_include, IncludeDef, ParamKind, SearchParamDef};
+use crate::fhir::extract::{IndexValue, date_range, fold, parse_reference};
+use crate::fhir::search_params::{self, IncludeDef, ParamKind, SearchParamDef, find_include};
 use crate::store::{SearchPage, StoreError, StoreResult, StoredResource};
 
 pub const DEFAULT_COUNT: usize = 50;
@@ -69,7 +69,11 @@ fn split_or_values(value: &str) -> Vec<String> {
 const PREFIXES: &[&str] = &["eq", "ne", "gt", "lt", "ge", "le", "sa", "eb"];
 
 fn split_prefix(value: &str) -> (&str, &str) {
-    if value.len() > 2 && value.is_char_boundary(2) && PREFIXES.contains(&&value[..2]) && !value[2..].starts_with(|c: char| c.is_ascii_alphabetic()) {
+    if value.len() > 2
+        && value.is_char_boundary(2)
+        && PREFIXES.contains(&&value[..2])
+        && !value[2..].starts_with(|c: char| c.is_ascii_alphabetic())
+    {
         (&value[..2], &value[2..])
     } else {
         ("eq", value)
@@ -78,7 +82,14 @@ fn split_prefix(value: &str) -> (&str, &str) {
 
 /// SQL for a date comparison between a target range (`lo`, `hi` column
 /// expressions) and the range of the searched value.
-fn date_condition(prefix: &str, lo: &str, hi: &str, binds: &mut Vec<SqlValue>, p_lo: i64, p_hi: i64) -> String {
+fn date_condition(
+    prefix: &str,
+    lo: &str,
+    hi: &str,
+    binds: &mut Vec<SqlValue>,
+    p_lo: i64,
+    p_hi: i64,
+) -> String {
     let mut bind = |v: i64| {
         binds.push(SqlValue::Integer(v));
         "?".to_string()
@@ -98,11 +109,21 @@ fn date_condition(prefix: &str, lo: &str, hi: &str, binds: &mut Vec<SqlValue>, p
 fn parse_date_value(name: &str, raw: &str) -> StoreResult<(&'static str, i64, i64)> {
     let (prefix, text) = split_prefix(raw);
     let (lo, hi) = date_range(text).ok_or_else(|| invalid(format!("'{raw}' is not a valid date for search parameter '{name}' (use e.g. ge2024-01-01 or 2024-01-01T10:00:00Z)")))?;
-    let prefix = PREFIXES.iter().find(|p| **p == prefix).copied().unwrap_or("eq");
+    let prefix = PREFIXES
+        .iter()
+        .find(|p| **p == prefix)
+        .copied()
+        .unwrap_or("eq");
     Ok((prefix, lo, hi))
 }
 
-fn subquery(table: &str, binds: &mut Vec<SqlValue>, resource_type: &str, param: &str, extra: &str) -> String {
+fn subquery(
+    table: &str,
+    binds: &mut Vec<SqlValue>,
+    resource_type: &str,
+    param: &str,
+    extra: &str,
+) -> String {
     binds.push(SqlValue::Text(resource_type.to_string()));
     binds.push(SqlValue::Text(param.to_string()));
     format!("SELECT rid FROM {table} WHERE res_type = ? AND param = ?{extra}")
@@ -118,16 +139,32 @@ fn table_for(kind: ParamKind) -> &'static str {
 }
 
 /// One `name[:modifier]=v1,v2` occurrence as an SQL condition (values OR'ed).
-fn condition_for(resource_type: &str, def: &SearchParamDef, modifier: Option<&str>, value: &str, binds: &mut Vec<SqlValue>) -> StoreResult<String> {
+fn condition_for(
+    resource_type: &str,
+    def: &SearchParamDef,
+    modifier: Option<&str>,
+    value: &str,
+    binds: &mut Vec<SqlValue>,
+) -> StoreResult<String> {
     let name = def.name;
     if modifier == Some("missing") {
         let missing = match value {
             "true" => true,
             "false" => false,
-            _ => return Err(invalid(format!("{name}:missing takes true or false, not '{value}'"))),
+            _ => {
+                return Err(invalid(format!(
+                    "{name}:missing takes true or false, not '{value}'"
+                )));
+            }
         };
         return Ok(match name {
-            "_id" | "_lastUpdated" => if missing { "0".into() } else { "1".into() },
+            "_id" | "_lastUpdated" => {
+                if missing {
+                    "0".into()
+                } else {
+                    "1".into()
+                }
+            }
             _ => {
                 let sub = subquery(table_for(def.kind), binds, resource_type, name, "");
                 format!("r.rid {} ({sub})", if missing { "NOT IN" } else { "IN" })
@@ -136,13 +173,18 @@ fn condition_for(resource_type: &str, def: &SearchParamDef, modifier: Option<&st
     }
     let values = split_or_values(value);
     if values.iter().any(|v| v.is_empty()) {
-        return Err(invalid(format!("search parameter '{name}' has an empty value")));
+        return Err(invalid(format!(
+            "search parameter '{name}' has an empty value"
+        )));
     }
     let mut alternatives = Vec::with_capacity(values.len());
 
     if name == "_id" {
         if modifier.is_some() {
-            return Err(invalid(format!("modifier ':{}' is not supported on _id", modifier.unwrap_or_default())));
+            return Err(invalid(format!(
+                "modifier ':{}' is not supported on _id",
+                modifier.unwrap_or_default()
+            )));
         }
         for v in &values {
             binds.push(SqlValue::Text(v.clone()));
@@ -152,11 +194,20 @@ fn condition_for(resource_type: &str, def: &SearchParamDef, modifier: Option<&st
     }
     if name == "_lastUpdated" {
         if modifier.is_some() {
-            return Err(invalid("modifiers are not supported on _lastUpdated".into()));
+            return Err(invalid(
+                "modifiers are not supported on _lastUpdated".into(),
+            ));
         }
         for v in &values {
             let (prefix, lo, hi) = parse_date_value(name, v)?;
-            alternatives.push(date_condition(prefix, "r.last_updated_ms", "(r.last_updated_ms + 1)", binds, lo, hi));
+            alternatives.push(date_condition(
+                prefix,
+                "r.last_updated_ms",
+                "(r.last_updated_ms + 1)",
+                binds,
+                lo,
+                hi,
+            ));
         }
         return Ok(format!("({})", alternatives.join(" OR ")));
     }
@@ -166,12 +217,23 @@ fn condition_for(resource_type: &str, def: &SearchParamDef, modifier: Option<&st
         let condition = match def.kind {
             ParamKind::Token | ParamKind::Uri => {
                 if !matches!(modifier, None | Some("not")) {
-                    return Err(invalid(format!("modifier ':{}' is not supported on token parameter '{name}' (supported: missing, not)", modifier.unwrap_or_default())));
+                    return Err(invalid(format!(
+                        "modifier ':{}' is not supported on token parameter '{name}' (supported: missing, not)",
+                        modifier.unwrap_or_default()
+                    )));
                 }
                 let (extra, code_binds) = match (def.kind, v.split_once('|')) {
-                    (ParamKind::Token, Some((system, code))) if system.is_empty() => (" AND code = ? AND system IS NULL".to_string(), vec![code.to_string()]),
-                    (ParamKind::Token, Some((system, code))) if code.is_empty() => (" AND system = ?".to_string(), vec![system.to_string()]),
-                    (ParamKind::Token, Some((system, code))) => (" AND code = ? AND system = ?".to_string(), vec![code.to_string(), system.to_string()]),
+                    (ParamKind::Token, Some((system, code))) if system.is_empty() => (
+                        " AND code = ? AND system IS NULL".to_string(),
+                        vec![code.to_string()],
+                    ),
+                    (ParamKind::Token, Some((system, code))) if code.is_empty() => {
+                        (" AND system = ?".to_string(), vec![system.to_string()])
+                    }
+                    (ParamKind::Token, Some((system, code))) => (
+                        " AND code = ? AND system = ?".to_string(),
+                        vec![code.to_string(), system.to_string()],
+                    ),
                     _ => (" AND code = ?".to_string(), vec![v.clone()]),
                 };
                 let sub = subquery("idx_token", binds, resource_type, name, &extra);
@@ -182,24 +244,44 @@ fn condition_for(resource_type: &str, def: &SearchParamDef, modifier: Option<&st
                 let folded = fold(v);
                 match modifier {
                     None => {
-                        let sub = subquery("idx_string", binds, resource_type, name, " AND folded >= ? AND folded < ?");
+                        let sub = subquery(
+                            "idx_string",
+                            binds,
+                            resource_type,
+                            name,
+                            " AND folded >= ? AND folded < ?",
+                        );
                         binds.push(SqlValue::Text(folded.clone()));
                         binds.push(SqlValue::Text(format!("{folded}\u{10FFFF}")));
                         format!("r.rid IN ({sub})")
                     }
                     Some("exact") => {
-                        let sub = subquery("idx_string", binds, resource_type, name, " AND folded = ? AND raw = ?");
+                        let sub = subquery(
+                            "idx_string",
+                            binds,
+                            resource_type,
+                            name,
+                            " AND folded = ? AND raw = ?",
+                        );
                         binds.push(SqlValue::Text(folded));
                         binds.push(SqlValue::Text(v.clone()));
                         format!("r.rid IN ({sub})")
                     }
                     Some("contains") => {
-                        let sub = subquery("idx_string", binds, resource_type, name, " AND instr(folded, ?) > 0");
+                        let sub = subquery(
+                            "idx_string",
+                            binds,
+                            resource_type,
+                            name,
+                            " AND instr(folded, ?) > 0",
+                        );
                         binds.push(SqlValue::Text(folded));
                         format!("r.rid IN ({sub})")
                     }
                     Some(other) => {
-                        return Err(invalid(format!("modifier ':{other}' is not supported on string parameter '{name}' (supported: exact, contains, missing)")));
+                        return Err(invalid(format!(
+                            "modifier ':{other}' is not supported on string parameter '{name}' (supported: exact, contains, missing)"
+                        )));
                     }
                 }
             }
@@ -208,23 +290,44 @@ fn condition_for(resource_type: &str, def: &SearchParamDef, modifier: Option<&st
                     None => None,
                     Some(t) if crate::fhir::resource_types::looks_like_type_name(t) => Some(t),
                     Some(other) => {
-                        return Err(invalid(format!("modifier ':{other}' is not supported on reference parameter '{name}' (supported: a resource type, missing)")));
+                        return Err(invalid(format!(
+                            "modifier ':{other}' is not supported on reference parameter '{name}' (supported: a resource type, missing)"
+                        )));
                     }
                 };
                 let (target_type, target_id) = match parse_reference(v) {
-                    Some(IndexValue::Reference { target_type, target_id }) => (target_type, target_id),
-                    _ => return Err(invalid(format!("'{v}' is not a reference for search parameter '{name}' (use Type/id or id)"))),
+                    Some(IndexValue::Reference {
+                        target_type,
+                        target_id,
+                    }) => (target_type, target_id),
+                    _ => {
+                        return Err(invalid(format!(
+                            "'{v}' is not a reference for search parameter '{name}' (use Type/id or id)"
+                        )));
+                    }
                 };
                 let target_type = target_type.or(type_modifier.map(str::to_string));
                 match target_type {
                     Some(t) => {
-                        let sub = subquery("idx_reference", binds, resource_type, name, " AND target_id = ? AND (target_type = ? OR target_type IS NULL)");
+                        let sub = subquery(
+                            "idx_reference",
+                            binds,
+                            resource_type,
+                            name,
+                            " AND target_id = ? AND (target_type = ? OR target_type IS NULL)",
+                        );
                         binds.push(SqlValue::Text(target_id));
                         binds.push(SqlValue::Text(t));
                         format!("r.rid IN ({sub})")
                     }
                     None => {
-                        let sub = subquery("idx_reference", binds, resource_type, name, " AND target_id = ?");
+                        let sub = subquery(
+                            "idx_reference",
+                            binds,
+                            resource_type,
+                            name,
+                            " AND target_id = ?",
+                        );
                         binds.push(SqlValue::Text(target_id));
                         format!("r.rid IN ({sub})")
                     }
@@ -232,7 +335,9 @@ fn condition_for(resource_type: &str, def: &SearchParamDef, modifier: Option<&st
             }
             ParamKind::Date => {
                 if modifier.is_some() {
-                    return Err(invalid(format!("modifiers are not supported on date parameter '{name}'")));
+                    return Err(invalid(format!(
+                        "modifiers are not supported on date parameter '{name}'"
+                    )));
                 }
                 let (prefix, lo, hi) = parse_date_value(name, v)?;
                 let sub = subquery("idx_date", binds, resource_type, name, "");
@@ -243,7 +348,11 @@ fn condition_for(resource_type: &str, def: &SearchParamDef, modifier: Option<&st
         alternatives.push(condition);
     }
     let joined = format!("({})", alternatives.join(" OR "));
-    Ok(if negate { format!("NOT {joined}") } else { joined })
+    Ok(if negate {
+        format!("NOT {joined}")
+    } else {
+        joined
+    })
 }
 
 fn parse_include(value: &str, reverse: bool, resource_type: &str) -> Option<&'static IncludeDef> {
@@ -257,12 +366,20 @@ fn parse_include(value: &str, reverse: bool, resource_type: &str) -> Option<&'st
     {
         return None;
     }
-    let applies = if reverse { def.targets.contains(&resource_type) } else { def.source == resource_type };
+    let applies = if reverse {
+        def.targets.contains(&resource_type)
+    } else {
+        def.source == resource_type
+    };
     applies.then_some(def)
 }
 
 /// Turn the client's parameters into a plan, or a 400 naming the problem.
-pub fn plan(resource_type: &str, params: &[(String, String)], lenient: bool) -> StoreResult<PlannedSearch> {
+pub fn plan(
+    resource_type: &str,
+    params: &[(String, String)],
+    lenient: bool,
+) -> StoreResult<PlannedSearch> {
     let mut plan = PlannedSearch {
         resource_type: resource_type.to_string(),
         conditions: Vec::new(),
@@ -282,12 +399,19 @@ pub fn plan(resource_type: &str, params: &[(String, String)], lenient: bool) -> 
         };
         match name {
             "_count" => {
-                let n: usize = value.parse().map_err(|_| invalid(format!("_count must be a non-negative integer, not '{value}'")))?;
+                let n: usize = value.parse().map_err(|_| {
+                    invalid(format!(
+                        "_count must be a non-negative integer, not '{value}'"
+                    ))
+                })?;
                 if n > MAX_COUNT {
                     if lenient {
-                        plan.ignored.push(format!("_count={value} (clamped to {MAX_COUNT})"));
+                        plan.ignored
+                            .push(format!("_count={value} (clamped to {MAX_COUNT})"));
                     } else {
-                        return Err(invalid(format!("_count={n} is above the maximum page size of {MAX_COUNT}")));
+                        return Err(invalid(format!(
+                            "_count={n} is above the maximum page size of {MAX_COUNT}"
+                        )));
                     }
                 }
                 plan.count = n.min(MAX_COUNT);
@@ -296,21 +420,35 @@ pub fn plan(resource_type: &str, params: &[(String, String)], lenient: bool) -> 
                 plan.sort = match value.as_str() {
                     "_lastUpdated" => Sort::LastUpdated { descending: false },
                     "-_lastUpdated" => Sort::LastUpdated { descending: true },
-                    "name" | "-name" if search_params::find(resource_type, "name").is_some() => Sort::Name { descending: value.starts_with('-') },
-                    _ => return Err(invalid(format!("_sort={value} is not supported; use _lastUpdated, -_lastUpdated, or name / -name on types with a name"))),
+                    "name" | "-name" if search_params::find(resource_type, "name").is_some() => {
+                        Sort::Name {
+                            descending: value.starts_with('-'),
+                        }
+                    }
+                    _ => {
+                        return Err(invalid(format!(
+                            "_sort={value} is not supported; use _lastUpdated, -_lastUpdated, or name / -name on types with a name"
+                        )));
+                    }
                 };
             }
             "_total" => {
                 plan.total = match value.as_str() {
                     "none" => Total::None,
                     "accurate" | "estimate" => Total::Accurate,
-                    _ => return Err(invalid(format!("_total must be none, estimate or accurate, not '{value}'"))),
+                    _ => {
+                        return Err(invalid(format!(
+                            "_total must be none, estimate or accurate, not '{value}'"
+                        )));
+                    }
                 };
             }
             "_summary" => match value.as_str() {
                 "count" => plan.summary_count = true,
                 "false" => {}
-                _ => plan.ignored.push(format!("_summary={value} (full resources are returned)")),
+                _ => plan
+                    .ignored
+                    .push(format!("_summary={value} (full resources are returned)")),
             },
             "_include" | "_revinclude" => {
                 let reverse = name == "_revinclude";
@@ -322,7 +460,11 @@ pub fn plan(resource_type: &str, params: &[(String, String)], lenient: bool) -> 
                     None => {
                         return Err(invalid(format!(
                             "{name}={value} is not supported for {resource_type}; supported: {}",
-                            search_params::INCLUDES.iter().map(|i| format!("{}:{}", i.source, i.param)).collect::<Vec<_>>().join(", ")
+                            search_params::INCLUDES
+                                .iter()
+                                .map(|i| format!("{}:{}", i.source, i.param))
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         )));
                     }
                 }
@@ -330,7 +472,8 @@ pub fn plan(resource_type: &str, params: &[(String, String)], lenient: bool) -> 
             "_format" | "_pretty" | "_elements" => {}
             _ => match search_params::find(resource_type, name) {
                 Some(def) => {
-                    let condition = condition_for(resource_type, def, modifier, value, &mut plan.binds)?;
+                    let condition =
+                        condition_for(resource_type, def, modifier, value, &mut plan.binds)?;
                     plan.conditions.push(condition);
                 }
                 None if lenient => plan.ignored.push(key.clone()),
@@ -358,7 +501,11 @@ fn order_by(sort: Sort) -> &'static str {
 }
 
 fn keyset_condition(sort: Sort, cursor: &str, binds: &mut Vec<SqlValue>) -> StoreResult<String> {
-    let bad = || invalid(format!("invalid paging cursor '{cursor}'; start again from the first page"));
+    let bad = || {
+        invalid(format!(
+            "invalid paging cursor '{cursor}'; start again from the first page"
+        ))
+    };
     let (tag, rest) = cursor.split_at(cursor.find('.').ok_or_else(bad)?);
     let rest = &rest[1..];
     let (key, rid) = rest.rsplit_once('.').unwrap_or(("", rest));
@@ -371,13 +518,25 @@ fn keyset_condition(sort: Sort, cursor: &str, binds: &mut Vec<SqlValue>) -> Stor
         (Sort::LastUpdated { descending }, "u") => {
             let ms: i64 = key.parse().map_err(|_| bad())?;
             let op = if descending { "<" } else { ">" };
-            binds.extend([SqlValue::Integer(ms), SqlValue::Integer(ms), SqlValue::Integer(rid)]);
-            Ok(format!("(r.last_updated_ms {op} ? OR (r.last_updated_ms = ? AND r.rid {op} ?))"))
+            binds.extend([
+                SqlValue::Integer(ms),
+                SqlValue::Integer(ms),
+                SqlValue::Integer(rid),
+            ]);
+            Ok(format!(
+                "(r.last_updated_ms {op} ? OR (r.last_updated_ms = ? AND r.rid {op} ?))"
+            ))
         }
         (Sort::Name { descending }, "n") => {
             let op = if descending { "<" } else { ">" };
-            binds.extend([SqlValue::Text(key.to_string()), SqlValue::Text(key.to_string()), SqlValue::Integer(rid)]);
-            Ok(format!("(r.sort_name {op} ? OR (r.sort_name = ? AND r.rid {op} ?))"))
+            binds.extend([
+                SqlValue::Text(key.to_string()),
+                SqlValue::Text(key.to_string()),
+                SqlValue::Integer(rid),
+            ]);
+            Ok(format!(
+                "(r.sort_name {op} ? OR (r.sort_name = ? AND r.rid {op} ?))"
+            ))
         }
         _ => Err(bad()),
     }
@@ -392,7 +551,11 @@ fn cursor_after(sort: Sort, rid: i64, last_updated_ms: i64, sort_name: &str) -> 
 }
 
 /// Run a planned search: one page after `cursor`, its total and includes.
-pub fn execute(conn: &Connection, plan: &PlannedSearch, cursor: Option<&str>) -> StoreResult<SearchPage> {
+pub fn execute(
+    conn: &Connection,
+    plan: &PlannedSearch,
+    cursor: Option<&str>,
+) -> StoreResult<SearchPage> {
     let mut where_sql = String::from("r.res_type = ? AND r.deleted = 0");
     let mut binds = vec![SqlValue::Text(plan.resource_type.clone())];
     for condition in &plan.conditions {
@@ -403,13 +566,19 @@ pub fn execute(conn: &Connection, plan: &PlannedSearch, cursor: Option<&str>) ->
 
     let total = if plan.total == Total::Accurate || plan.summary_count {
         let sql = format!("SELECT count(*) FROM resources r WHERE {where_sql}");
-        let n: i64 = conn.prepare(&sql)?.query_row(params_from_iter(binds.iter()), |row| row.get(0))?;
+        let n: i64 = conn
+            .prepare(&sql)?
+            .query_row(params_from_iter(binds.iter()), |row| row.get(0))?;
         Some(n as u64)
     } else {
         None
     };
     if plan.summary_count || plan.count == 0 {
-        return Ok(SearchPage { total, ignored_params: plan.ignored.clone(), ..Default::default() });
+        return Ok(SearchPage {
+            total,
+            ignored_params: plan.ignored.clone(),
+            ..Default::default()
+        });
     }
 
     let mut page_binds = binds;
@@ -440,19 +609,36 @@ pub fn execute(conn: &Connection, plan: &PlannedSearch, cursor: Option<&str>) ->
         let ms: i64 = row.get(3)?;
         let sort_name: String = row.get(4)?;
         let body: String = row.get(5)?;
-        matches.push(stored_from_parts(&plan.resource_type, &id, version, ms, &body)?);
+        matches.push(stored_from_parts(
+            &plan.resource_type,
+            &id,
+            version,
+            ms,
+            &body,
+        )?);
         keys.push((rid, ms, sort_name));
     }
     let next_cursor = if has_more {
-        keys.last().map(|(rid, ms, name)| cursor_after(plan.sort, *rid, *ms, name))
+        keys.last()
+            .map(|(rid, ms, name)| cursor_after(plan.sort, *rid, *ms, name))
     } else {
         None
     };
     let included = includes(conn, plan, &matches)?;
-    Ok(SearchPage { total, matches, included, next_cursor, ignored_params: plan.ignored.clone() })
+    Ok(SearchPage {
+        total,
+        matches,
+        included,
+        next_cursor,
+        ignored_params: plan.ignored.clone(),
+    })
 }
 
-fn fetch_current(conn: &Connection, resource_type: &str, id: &str) -> StoreResult<Option<StoredResource>> {
+fn fetch_current(
+    conn: &Connection,
+    resource_type: &str,
+    id: &str,
+) -> StoreResult<Option<StoredResource>> {
     match super::rows::read(conn, resource_type, id) {
         Ok(stored) => Ok(Some(stored)),
         Err(StoreError::NotFound { .. }) | Err(StoreError::Gone { .. }) => Ok(None),
@@ -460,11 +646,18 @@ fn fetch_current(conn: &Connection, resource_type: &str, id: &str) -> StoreResul
     }
 }
 
-fn includes(conn: &Connection, plan: &PlannedSearch, matches: &[StoredResource]) -> StoreResult<Vec<StoredResource>> {
+fn includes(
+    conn: &Connection,
+    plan: &PlannedSearch,
+    matches: &[StoredResource],
+) -> StoreResult<Vec<StoredResource>> {
     if plan.includes.is_empty() && plan.rev_includes.is_empty() {
         return Ok(Vec::new());
     }
-    let mut seen: HashSet<(String, String)> = matches.iter().map(|m| (m.resource_type.clone(), m.id.clone())).collect();
+    let mut seen: HashSet<(String, String)> = matches
+        .iter()
+        .map(|m| (m.resource_type.clone(), m.id.clone()))
+        .collect();
     let mut included: Vec<StoredResource> = Vec::new();
     let mut frontier: Vec<StoredResource> = matches.to_vec();
     for round in 0..MAX_INCLUDE_ITERATIONS {
@@ -479,10 +672,17 @@ fn includes(conn: &Connection, plan: &PlannedSearch, matches: &[StoredResource])
             )?;
             for source in frontier.iter().filter(|s| s.resource_type == def.source) {
                 let targets: Vec<(Option<String>, String)> = stmt
-                    .query_map(rusqlite::params![source.resource_type, source.id, def.param], |row| Ok((row.get(0)?, row.get(1)?)))?
+                    .query_map(
+                        rusqlite::params![source.resource_type, source.id, def.param],
+                        |row| Ok((row.get(0)?, row.get(1)?)),
+                    )?
                     .collect::<Result<_, _>>()?;
                 for (target_type, target_id) in targets {
-                    let Some(target_type) = target_type.filter(|t| def.targets.contains(&t.as_str())) else { continue };
+                    let Some(target_type) =
+                        target_type.filter(|t| def.targets.contains(&t.as_str()))
+                    else {
+                        continue;
+                    };
                     if seen.insert((target_type.clone(), target_id.clone()))
                         && let Some(stored) = fetch_current(conn, &target_type, &target_id)?
                     {
@@ -499,11 +699,15 @@ fn includes(conn: &Connection, plan: &PlannedSearch, matches: &[StoredResource])
                 "SELECT r.res_id, r.version, r.last_updated_ms, r.body FROM idx_reference x JOIN resources r ON r.rid = x.rid
                  WHERE x.res_type = ?1 AND x.param = ?2 AND x.target_id = ?3 AND (x.target_type = ?4 OR x.target_type IS NULL) AND r.deleted = 0",
             )?;
-            for target in frontier.iter().filter(|t| def.targets.contains(&t.resource_type.as_str())) {
+            for target in frontier
+                .iter()
+                .filter(|t| def.targets.contains(&t.resource_type.as_str()))
+            {
                 let rows: Vec<(String, i64, i64, String)> = stmt
-                    .query_map(rusqlite::params![def.source, def.param, target.id, target.resource_type], |row| {
-                        Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
-                    })?
+                    .query_map(
+                        rusqlite::params![def.source, def.param, target.id, target.resource_type],
+                        |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+                    )?
                     .collect::<Result<_, _>>()?;
                 for (id, version, ms, body) in rows {
                     if seen.insert((def.source.to_string(), id.clone())) {
@@ -523,22 +727,35 @@ fn includes(conn: &Connection, plan: &PlannedSearch, matches: &[StoredResource])
 
 /// Parse a query string (`a=1&b=2`) into pairs.
 pub fn parse_query(query: &str) -> Vec<(String, String)> {
-    url::form_urlencoded::parse(query.trim_start_matches('?').as_bytes()).into_owned().collect()
+    url::form_urlencoded::parse(query.trim_start_matches('?').as_bytes())
+        .into_owned()
+        .collect()
 }
 
 /// Search inside a write transaction (conditional create/update/references):
 /// up to `limit` matching ids.
-pub fn matching_ids(conn: &Connection, resource_type: &str, query: &str, limit: usize) -> StoreResult<Vec<String>> {
+pub fn matching_ids(
+    conn: &Connection,
+    resource_type: &str,
+    query: &str,
+    limit: usize,
+) -> StoreResult<Vec<String>> {
     let params = parse_query(query);
     if params.is_empty() {
-        return Err(invalid(format!("the condition on {resource_type} is empty")));
+        return Err(invalid(format!(
+            "the condition on {resource_type} is empty"
+        )));
     }
     let mut plan = plan(resource_type, &params, false)?;
     plan.count = limit;
     plan.total = Total::None;
     plan.includes.clear();
     plan.rev_includes.clear();
-    Ok(execute(conn, &plan, None)?.matches.into_iter().map(|m| m.id).collect())
+    Ok(execute(conn, &plan, None)?
+        .matches
+        .into_iter()
+        .map(|m| m.id)
+        .collect())
 }
 
 #[cfg(test)]
@@ -561,8 +778,14 @@ mod tests {
     #[test]
     fn unknown_parameter_is_rejected_unless_lenient() {
         let params = vec![("shoe-size".to_string(), "9".to_string())];
-        assert!(matches!(plan("Practitioner", &params, false), Err(StoreError::UnknownSearchParameter { .. })));
-        assert_eq!(plan("Practitioner", &params, true).unwrap().ignored, vec!["shoe-size"]);
+        assert!(matches!(
+            plan("Practitioner", &params, false),
+            Err(StoreError::UnknownSearchParameter { .. })
+        ));
+        assert_eq!(
+            plan("Practitioner", &params, true).unwrap().ignored,
+            vec!["shoe-size"]
+        );
     }
 
     #[test]

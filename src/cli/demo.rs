@@ -1,0 +1,48 @@
+//! `mhero demo`: sample facilities and health workers loaded into an
+//! embedded store (once; a second run finds them there), and the banner
+//! with URLs and commands to try.
+
+use crate::fhir::sample;
+use crate::store::{FhirStore, SearchRequest, StoreError};
+
+pub const DEMO_PRACTITIONERS: usize = 200;
+const FACILITIES_PER_DISTRICT: usize = 2;
+
+/// Load the sample data unless the store already has practitioners.
+pub async fn load_sample_data(store: &dyn FhirStore) -> Result<(), StoreError> {
+    let existing = store
+        .search(SearchRequest {
+            resource_type: "Practitioner".into(),
+            params: vec![("_summary".into(), "count".into())],
+            ..Default::default()
+        })
+        .await?;
+    if existing.total.unwrap_or(0) > 0 {
+        return Ok(());
+    }
+    store
+        .process_bundle(sample::transaction(sample::locations(
+            FACILITIES_PER_DISTRICT,
+        )))
+        .await?;
+    let facilities = sample::facility_ids(FACILITIES_PER_DISTRICT);
+    let mut people = Vec::with_capacity(DEMO_PRACTITIONERS * 2);
+    for n in 1..=DEMO_PRACTITIONERS {
+        people.push(sample::practitioner(n));
+        people.push(sample::practitioner_role(n, &facilities));
+    }
+    store.process_bundle(sample::transaction(people)).await?;
+    Ok(())
+}
+
+pub fn banner(fhir_base: &str) -> String {
+    format!(
+        "mHero connector demo is running.\n\
+         \n  FHIR API:        {fhir_base}\n  Capabilities:    {fhir_base}/metadata\n  Health:          {base}/health/ready\n\
+         \nTry:\n  curl '{fhir_base}/Practitioner?name=kamara&_count=5'\n  \
+         curl '{fhir_base}/PractitionerRole?location=Location/LR.1.1.1&_include=PractitionerRole:practitioner'\n  \
+         curl '{fhir_base}/Location?partof=Location/LR.1&_revinclude=Location:partof'\n\
+         \nStop with Ctrl-C.",
+        base = fhir_base.trim_end_matches("/fhir")
+    )
+}
