@@ -26,3 +26,14 @@ pub mod fhir;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+
+/// Install rustls' `ring` crypto provider for the process (reqwest is built
+/// without a default provider). Safe to call any number of times; call it
+/// before building any `reqwest::Client`.
+pub fn install_tls_provider() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        // Err means another provider is already installed, which is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}

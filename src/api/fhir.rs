@@ -24,6 +24,7 @@ use crate::store::{
 pub fn routes(state: AppState) -> Router {
     let protected = Router::new()
         .route("/fhir", post(transaction_or_batch))
+        .route("/fhir/", post(transaction_or_batch))
         .route("/fhir/_history", get(system_history))
         .route(
             "/fhir/{resource_type}",
