@@ -1,0 +1,126 @@
+//! The `mhero` binary: exit codes, `check`, `import`, and configuration
+//! errors that name the key.
+
+use std::process::Command;
+
+mod common;
+
+fn mhero(dir: &tempfile::TempDir) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mhero"));
+    command
+        .env(
+            "MHERO__FHIR__EMBEDDED__PATH",
+            dir.path().join("fhir.sqlite"),
+        )
+        .env_remove("MHERO_CONFIG")
+        .current_dir(dir.path());
+    command
+}
+
+#[test]
+fn check_reports_every_backend_and_succeeds_on_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = mhero(&dir).arg("check").output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("fhir (embedded SQLite): ok"), "{stdout}");
+    assert!(stdout.contains("rapidpro: ok: not configured"), "{stdout}");
+    assert!(stdout.contains("index ("), "{stdout}");
+}
+
+#[test]
+fn check_fails_when_the_remote_fhir_server_is_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let output = mhero(&dir)
+        .arg("check")
+        .env("MHERO__FHIR__BACKEND", "http")
+        .env(
+            "MHERO__FHIR__HTTP__BASE_URL",
+            format!("http://127.0.0.1:{port}/fhir"),
+        )
+        .env("MHERO__FHIR__HTTP__MAX_RETRIES", "0")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("FAILED"), "{stdout}");
+}
+
+#[test]
+fn unknown_configuration_key_exits_2_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mhero.toml");
+    std::fs::write(&config, "[fhir]\nbackend = \"embedded\"\nbakend = \"x\"\n").unwrap();
+    let output = mhero(&dir)
+        .arg("--config")
+        .arg(&config)
+        .arg("check")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("fhir.bakend"));
+
+    let missing = mhero(&dir)
+        .args(["--config", "/nonexistent.toml", "check"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    let bad_value = mhero(&dir)
+        .env("MHERO__SERVER__LOG_FORMAT", "xml")
+        .arg("check")
+        .output()
+        .unwrap();
+    assert_eq!(bad_value.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad_value.stderr).contains("xml"));
+}
+
+#[test]
+fn import_prints_a_summary_and_fails_on_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let locations = common::fixture_path("ihris/ihris-demo-locations-open.bundle.json");
+    let ok = mhero(&dir).arg("import").arg(&locations).output().unwrap();
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{stdout}");
+    assert!(stdout.contains("31 created"), "{stdout}");
+
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "{\"resourceType\":\"Claim\"}").unwrap();
+    let failed = mhero(&dir).arg("import").arg(&bad).output().unwrap();
+    let stdout = String::from_utf8_lossy(&failed.stdout);
+    assert_eq!(failed.status.code(), Some(1));
+    assert!(
+        stdout.contains("1 failed") && stdout.contains("Claim"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2_and_future_commands_say_so() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(
+        mhero(&dir).arg("import").output().unwrap().status.code(),
+        Some(2),
+        "import needs files"
+    );
+    assert_eq!(
+        mhero(&dir)
+            .arg("frobnicate")
+            .output()
+            .unwrap()
+            .status
+            .code(),
+        Some(2)
+    );
+    let reindex = mhero(&dir).arg("reindex").output().unwrap();
+    assert_eq!(reindex.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&reindex.stderr).contains("not yet available"));
+}
