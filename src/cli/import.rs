@@ -143,16 +143,12 @@ fn items_of_document(name: &str, value: Value) -> Vec<Item> {
         .into_iter()
         .flatten()
         .enumerate()
+        // Response entries without a resource carry nothing to import.
         .filter_map(|(i, entry)| {
-            let place = format!("{name} entry {i}");
-            match entry.get("resource") {
-                Some(resource) => Some(Item::Resource {
-                    place,
-                    resource: resource.clone(),
-                }),
-                // Response entries without a resource carry nothing to import.
-                None => None,
-            }
+            entry.get("resource").map(|resource| Item::Resource {
+                place: format!("{name} entry {i}"),
+                resource: resource.clone(),
+            })
         })
         .collect()
 }

@@ -223,11 +223,11 @@ fn condition_for(
                     )));
                 }
                 let (extra, code_binds) = match (def.kind, v.split_once('|')) {
-                    (ParamKind::Token, Some((system, code))) if system.is_empty() => (
+                    (ParamKind::Token, Some(("", code))) => (
                         " AND code = ? AND system IS NULL".to_string(),
                         vec![code.to_string()],
                     ),
-                    (ParamKind::Token, Some((system, code))) if code.is_empty() => {
+                    (ParamKind::Token, Some((system, ""))) => {
                         (" AND system = ?".to_string(), vec![system.to_string()])
                     }
                     (ParamKind::Token, Some((system, code))) => (
