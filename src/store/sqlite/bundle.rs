@@ -249,21 +249,6 @@ fn describe(entry: &Value) -> String {
     }
 }
 
-fn resolve_single(
-    conn: &Connection,
-    resource_type: &str,
-    query: &str,
-) -> StoreResult<Option<String>> {
-    let ids = search::matching_ids(conn, resource_type, query, 2)?;
-    match ids.len() {
-        0 => Ok(None),
-        1 => Ok(ids.into_iter().next()),
-        _ => Err(StoreError::MultipleMatches(format!(
-            "the condition {resource_type}?{query} matches more than one resource"
-        ))),
-    }
-}
-
 /// Rewrite `reference` values through `map`; resolve conditional references.
 fn rewrite_references(
     conn: &Connection,
@@ -283,7 +268,7 @@ fn rewrite_references(
                     && !resource_type.contains('/')
                 {
                     ensure_supported(resource_type)?;
-                    match resolve_single(conn, resource_type, query)? {
+                    match search::resolve_single(conn, resource_type, query)? {
                         Some(id) => *reference = format!("{resource_type}/{id}"),
                         None => {
                             return Err(StoreError::Invalid(format!(
@@ -324,7 +309,7 @@ fn run(conn: &Connection, op: Operation) -> StoreResult<Value> {
             assigned_id,
         } => {
             if let Some(query) = if_none_exist
-                && let Some(id) = resolve_single(conn, &resource_type, &query)?
+                && let Some(id) = search::resolve_single(conn, &resource_type, &query)?
             {
                 let stored = rows::read(conn, &resource_type, &id)?;
                 return Ok(json!({ "response": entry_response("200 OK", Some(&stored)) }));
@@ -352,14 +337,7 @@ fn run(conn: &Connection, op: Operation) -> StoreResult<Value> {
             resource,
             if_match,
         } => {
-            let id = match resolve_single(conn, &resource_type, &query)? {
-                Some(id) => id,
-                None => resource
-                    .get("id")
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-            };
+            let id = search::conditional_update_target(conn, &resource_type, &query, &resource)?;
             let outcome = rows::put(conn, &resource_type, &id, resource, if_match.as_deref())?;
             Ok(
                 json!({ "response": entry_response(write_status(outcome.kind), Some(&outcome.stored)) }),
@@ -377,7 +355,7 @@ fn run(conn: &Connection, op: Operation) -> StoreResult<Value> {
             resource_type,
             query,
         } => {
-            if let Some(id) = resolve_single(conn, &resource_type, &query)? {
+            if let Some(id) = search::resolve_single(conn, &resource_type, &query)? {
                 rows::delete(conn, &resource_type, &id, None)?;
             }
             Ok(json!({ "response": entry_response("204 No Content", None) }))
@@ -439,9 +417,8 @@ pub fn transaction(conn: &Connection, entries: &[Value]) -> StoreResult<Value> {
                 ..
             } => {
                 let existing = match if_none_exist.as_deref() {
-                    Some(query) => {
-                        resolve_single(conn, resource_type, query).map_err(|e| fail(index, e))?
-                    }
+                    Some(query) => search::resolve_single(conn, resource_type, query)
+                        .map_err(|e| fail(index, e))?,
                     None => None,
                 };
                 let is_new = existing.is_none();
@@ -461,11 +438,8 @@ pub fn transaction(conn: &Connection, entries: &[Value]) -> StoreResult<Value> {
                 resource,
                 if_match,
             } => {
-                let id =
-                    match resolve_single(conn, resource_type, query).map_err(|e| fail(index, e))? {
-                        Some(id) => id,
-                        None => uuid::Uuid::new_v4().to_string(),
-                    };
+                let id = search::conditional_update_target(conn, resource_type, query, resource)
+                    .map_err(|e| fail(index, e))?;
                 resource["id"] = json!(id);
                 let resolved = Operation::Update {
                     resource_type: resource_type.clone(),
@@ -483,7 +457,9 @@ pub fn transaction(conn: &Connection, entries: &[Value]) -> StoreResult<Value> {
             Operation::ConditionalDelete {
                 resource_type,
                 query,
-            } => match resolve_single(conn, resource_type, query).map_err(|e| fail(index, e))? {
+            } => match search::resolve_single(conn, resource_type, query)
+                .map_err(|e| fail(index, e))?
+            {
                 Some(id) => {
                     let identity = format!("{resource_type}/{id}");
                     *op = Operation::Delete {

@@ -262,22 +262,13 @@ impl FhirStore for SqliteStore {
         let resource_type = validate_resource(&resource, None)?;
         let if_none_exist = if_none_exist.map(str::to_string);
         self.write(move |conn| {
-            if let Some(query) = &if_none_exist {
-                let ids = search::matching_ids(conn, &resource_type, query, 2)?;
-                match ids.as_slice() {
-                    [] => {}
-                    [id] => {
-                        return Ok(WriteOutcome {
-                            kind: WriteKind::Unchanged,
-                            stored: rows::read(conn, &resource_type, id)?,
-                        });
-                    }
-                    _ => {
-                        return Err(StoreError::MultipleMatches(format!(
-                            "If-None-Exist {query} matches more than one {resource_type}"
-                        )));
-                    }
-                }
+            if let Some(query) = &if_none_exist
+                && let Some(id) = search::resolve_single(conn, &resource_type, query)?
+            {
+                return Ok(WriteOutcome {
+                    kind: WriteKind::Unchanged,
+                    stored: rows::read(conn, &resource_type, &id)?,
+                });
             }
             let id = uuid::Uuid::new_v4().to_string();
             rows::put(conn, &resource_type, &id, resource, None)
@@ -324,20 +315,7 @@ impl FhirStore for SqliteStore {
             if_match.map(str::to_string),
         );
         self.write(move |conn| {
-            let ids = search::matching_ids(conn, &resource_type, &query, 2)?;
-            let body_id = resource.get("id").and_then(Value::as_str).map(str::to_string);
-            let id = match ids.as_slice() {
-                [] => body_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-                [id] => {
-                    if let Some(body_id) = body_id.filter(|b| b != id) {
-                        return Err(StoreError::Invalid(format!(
-                            "the id '{body_id}' in the body does not match {resource_type}/{id} found by {query}"
-                        )));
-                    }
-                    id.clone()
-                }
-                _ => return Err(StoreError::MultipleMatches(format!("the condition {resource_type}?{query} matches more than one resource"))),
-            };
+            let id = search::conditional_update_target(conn, &resource_type, &query, &resource)?;
             rows::put(conn, &resource_type, &id, resource, if_match.as_deref())
         })
         .await

@@ -758,6 +758,46 @@ pub fn matching_ids(
         .collect())
 }
 
+/// The single resource matching a condition (`None` if none; several is
+/// `MultipleMatches`). Used by conditional create, update, delete and
+/// conditional references.
+pub fn resolve_single(
+    conn: &Connection,
+    resource_type: &str,
+    query: &str,
+) -> StoreResult<Option<String>> {
+    let mut ids = matching_ids(conn, resource_type, query, 2)?;
+    match ids.len() {
+        0 | 1 => Ok(ids.pop()),
+        _ => Err(StoreError::MultipleMatches(format!(
+            "the condition {resource_type}?{query} matches more than one resource"
+        ))),
+    }
+}
+
+/// The id a conditional update writes: the one match, or (no match) the
+/// body's id or a new UUID. A body id that names another resource than the
+/// match is refused.
+pub fn conditional_update_target(
+    conn: &Connection,
+    resource_type: &str,
+    query: &str,
+    resource: &serde_json::Value,
+) -> StoreResult<String> {
+    let body_id = resource.get("id").and_then(serde_json::Value::as_str);
+    match resolve_single(conn, resource_type, query)? {
+        Some(id) => match body_id {
+            Some(body_id) if body_id != id => Err(StoreError::Invalid(format!(
+                "the id '{body_id}' in the body does not match {resource_type}/{id} found by {query}"
+            ))),
+            _ => Ok(id),
+        },
+        None => Ok(body_id
+            .map(str::to_string)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
