@@ -13,3 +13,40 @@ async fn sqlite_store_meets_the_contract() {
         .unwrap();
     contract::run_all(&store).await;
 }
+
+fn http_settings(base_url: &str) -> mhero::config::HttpFhirSettings {
+    mhero::config::HttpFhirSettings {
+        base_url: Some(base_url.parse().unwrap()),
+        username: None,
+        password: None,
+        bearer_token: std::env::var("MHERO_TEST_FHIR_TOKEN")
+            .ok()
+            .map(mhero::config::Secret::new),
+        timeout_secs: 30,
+        max_retries: 2,
+    }
+}
+
+/// `HttpFhirStore` against the connector's own `/fhir` API served over
+/// HTTP: the same contract, end to end through REST.
+#[tokio::test]
+async fn http_store_against_the_connectors_own_api_meets_the_contract() {
+    let app = common::spawn_app().await;
+    let store = mhero::store::http::HttpFhirStore::new(&http_settings(&app.fhir)).unwrap();
+    contract::run_all(&store).await;
+    app.stop().await;
+}
+
+/// The same contract against a real FHIR R4 server (HAPI):
+/// `MHERO_TEST_FHIR_URL=http://localhost:8090/fhir cargo test --locked -- --ignored`
+#[tokio::test]
+#[ignore = "needs MHERO_TEST_FHIR_URL (a running FHIR R4 server such as HAPI)"]
+async fn live_fhir_server_meets_the_contract() {
+    let Ok(url) = std::env::var("MHERO_TEST_FHIR_URL") else {
+        eprintln!("MHERO_TEST_FHIR_URL is not set; nothing to check");
+        return;
+    };
+    mhero::install_tls_provider();
+    let store = mhero::store::http::HttpFhirStore::new(&http_settings(&url)).unwrap();
+    contract::run_all(&store).await;
+}
