@@ -2,7 +2,9 @@
 //! HTTP status and an OperationOutcome. Handlers return `ApiError`; the
 //! embedded store uses [`status_and_outcome`] for batch entry outcomes.
 
+use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
@@ -131,6 +133,55 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Middleware: an error answered by something other than our handlers (an
+/// extractor's rejection such as invalid UTF-8 in a path, a timeout) is
+/// turned into an OperationOutcome too. JSON answers are left alone.
+pub async fn outcome_for_every_error(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let body = axum::body::to_bytes(response.into_body(), 16 * 1024)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&body).trim().to_string();
+    let diagnostics = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    let error = match status.as_u16() {
+        400 => ApiError::BadRequest(diagnostics),
+        401 => ApiError::Unauthorized(diagnostics),
+        404 => ApiError::NotFound(diagnostics),
+        405 => ApiError::MethodNotAllowed(diagnostics),
+        406 => ApiError::NotAcceptable(diagnostics),
+        415 => ApiError::UnsupportedMediaType(diagnostics),
+        503 => ApiError::ServiceUnavailable(diagnostics),
+        _ if status.is_client_error() => ApiError::BadRequest(diagnostics),
+        _ => ApiError::Store(StoreError::Internal(diagnostics)),
+    };
+    let mut converted = error.into_response();
+    *converted.status_mut() = status;
+    converted
+}
+
+/// Response for a handler that panicked: a 500 OperationOutcome (the
+/// process keeps serving).
+pub fn panic_response(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("a request handler panicked; answered 500");
+    ApiError::Store(StoreError::Internal(
+        "the server failed while handling this request; it has been logged".into(),
+    ))
+    .into_response()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,5 +242,14 @@ mod tests {
                 .unwrap()
                 .contains("entry 3")
         );
+    }
+
+    #[tokio::test]
+    async fn a_panic_becomes_a_500_operation_outcome() {
+        let response = panic_response(Box::new("boom"));
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(response.into_body(), 4096).await.unwrap();
+        let outcome: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(outcome["issue"][0]["code"], "exception");
     }
 }

@@ -46,6 +46,8 @@ pub fn router(state: AppState) -> Router {
         .merge(fhir)
         .merge(ops)
         .fallback(fhir::unknown_route)
+        .layer(middleware::from_fn(crate::error::outcome_for_every_error))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(crate::error::panic_response))
         .layer(middleware::from_fn(metrics::track_requests))
         .layer(
             ServiceBuilder::new()
