@@ -248,7 +248,9 @@ mod tests {
     async fn a_panic_becomes_a_500_operation_outcome() {
         let response = panic_response(Box::new("boom"));
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
-        let body = axum::body::to_bytes(response.into_body(), 4096).await.unwrap();
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
         let outcome: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(outcome["issue"][0]["code"], "exception");
     }

@@ -469,7 +469,10 @@ pub fn plan(
                     }
                 }
             }
-            "_format" | "_pretty" | "_elements" => {}
+            "_format" | "_pretty" => {}
+            "_elements" => plan
+                .ignored
+                .push(format!("_elements={value} (full resources are returned)")),
             _ => match search_params::find(resource_type, name) {
                 Some(def) => {
                     let condition =
