@@ -14,6 +14,19 @@ async fn sqlite_store_meets_the_contract() {
     contract::run_all(&store).await;
 }
 
+#[tokio::test]
+async fn a_database_from_a_newer_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fhir.sqlite");
+    drop(SqliteStore::open(&path).await.unwrap());
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .pragma_update(None, "user_version", 99)
+        .unwrap();
+    let error = SqliteStore::open(&path).await.err().expect("refused");
+    assert!(error.to_string().contains("newer"), "{error}");
+}
+
 fn http_settings(base_url: &str) -> mhero::config::HttpFhirSettings {
     mhero::config::HttpFhirSettings {
         base_url: Some(base_url.parse().unwrap()),

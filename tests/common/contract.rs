@@ -252,6 +252,11 @@ pub async fn search_by_identifier_name_and_paging(store: &dyn FhirStore) {
             .await
             .expect("page");
         assert!(page.matches.len() <= 2);
+        assert_eq!(
+            page.total,
+            Some(5),
+            "every page carries the total over all pages"
+        );
         seen.extend(page.matches.iter().map(|m| m.id.clone()));
         match page.next_cursor {
             Some(next) => cursor = Some(next),

@@ -68,6 +68,14 @@ impl SqliteStore {
                 )));
             }
             configure(&conn)?;
+            let found: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+            if found > schema::SCHEMA_VERSION {
+                return Err(unavailable(format!(
+                    "{} was written by a newer mhero (schema {found}; this one knows {})",
+                    opened_path.display(),
+                    schema::SCHEMA_VERSION
+                )));
+            }
             conn.execute_batch(schema::SCHEMA)?;
             conn.pragma_update(None, "user_version", schema::SCHEMA_VERSION)?;
             Ok(conn)

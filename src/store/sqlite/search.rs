@@ -567,16 +567,15 @@ pub fn execute(
     }
     binds.extend(plan.binds.iter().cloned());
 
-    let total = if plan.total == Total::Accurate || plan.summary_count {
+    let count_total = |binds: &[SqlValue]| -> StoreResult<u64> {
         let sql = format!("SELECT count(*) FROM resources r WHERE {where_sql}");
         let n: i64 = conn
             .prepare(&sql)?
             .query_row(params_from_iter(binds.iter()), |row| row.get(0))?;
-        Some(n as u64)
-    } else {
-        None
+        Ok(n as u64)
     };
     if plan.summary_count || plan.count == 0 {
+        let total = Some(count_total(&binds)?);
         return Ok(SearchPage {
             total,
             ignored_params: plan.ignored.clone(),
@@ -584,8 +583,8 @@ pub fn execute(
         });
     }
 
-    let mut page_binds = binds;
-    let mut page_where = where_sql;
+    let mut page_binds = binds.clone();
+    let mut page_where = where_sql.clone();
     if let Some(cursor) = cursor {
         let keyset = keyset_condition(plan.sort, cursor, &mut page_binds)?;
         page_where.push_str(" AND ");
@@ -626,6 +625,12 @@ pub fn execute(
             .map(|(rid, ms, name)| cursor_after(plan.sort, *rid, *ms, name))
     } else {
         None
+    };
+    // A first page that holds every match is its own total: no count query.
+    let total = match plan.total {
+        Total::None => None,
+        Total::Accurate if cursor.is_none() && !has_more => Some(matches.len() as u64),
+        Total::Accurate => Some(count_total(&binds)?),
     };
     let included = includes(conn, plan, &matches)?;
     Ok(SearchPage {
