@@ -32,7 +32,11 @@ pub fn init(format: LogFormat) {
 }
 
 /// Mask a phone number (or any URN carrying one) for logs: every digit but
-/// the last three becomes `*`; `tel:+231770123456` -> `tel:+*********456`.
+/// the last three becomes `*`.
+///
+/// ```
+/// assert_eq!(mhero::telemetry::mask_phone("tel:+231770123456"), "tel:+*********456");
+/// ```
 pub fn mask_phone(value: &str) -> String {
     let total_digits = value.chars().filter(char::is_ascii_digit).count();
     let keep_from = total_digits.saturating_sub(3);

@@ -124,3 +124,50 @@ fn usage_errors_exit_2_and_future_commands_say_so() {
     assert_eq!(reindex.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&reindex.stderr).contains("not yet available"));
 }
+
+#[test]
+fn demo_serves_sample_data_and_stops_gracefully_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = mhero(&dir)
+        .args(["demo", "--data"])
+        .arg(dir.path().join("demo"))
+        .env("MHERO__SERVER__LISTEN", "127.0.0.1:0")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The banner is printed once the listener is bound; it names the URL.
+    let stdout = child.stdout.take().unwrap();
+    let fhir_base = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|line| {
+            line.trim()
+                .strip_prefix("FHIR API:")
+                .map(|url| url.trim().to_string())
+        })
+        .expect("the demo prints its FHIR base");
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let total = runtime.block_on(async {
+        mhero::install_tls_provider();
+        let bundle: serde_json::Value =
+            reqwest::get(format!("{fhir_base}/Practitioner?_summary=count"))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+        bundle["total"].as_u64()
+    });
+    assert_eq!(total, Some(mhero::cli::demo::DEMO_PRACTITIONERS as u64));
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "SIGTERM is a graceful stop");
+}

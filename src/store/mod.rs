@@ -314,6 +314,10 @@ pub async fn open_store(settings: &FhirSettings) -> StoreResult<SharedStore> {
 }
 
 /// Parse an `If-Match` / ETag value (`W/"3"`, `"3"` or `3`) into a version id.
+///
+/// ```
+/// assert_eq!(mhero::store::parse_etag("W/\"3\"").as_deref(), Some("3"));
+/// ```
 pub fn parse_etag(value: &str) -> Option<String> {
     let v = value.trim();
     let v = v.strip_prefix("W/").unwrap_or(v);
