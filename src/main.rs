@@ -1,6 +1,7 @@
 //! The `mhero` binary: command-line parsing and dispatch. Exit codes: 0 ok,
 //! 1 runtime failure, 2 bad usage or configuration.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -139,7 +140,12 @@ async fn demo(mut settings: Settings, data: PathBuf) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    println!("{}", mhero::cli::demo::banner(app.fhir_base()));
+    // A closed stdout (a pipe whose reader went away) must not stop the demo.
+    let _ = writeln!(
+        std::io::stdout(),
+        "{}",
+        mhero::cli::demo::banner(app.fhir_base())
+    );
     match app.run_until_stopped().await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

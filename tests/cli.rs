@@ -138,16 +138,19 @@ fn demo_serves_sample_data_and_stops_gracefully_on_sigterm() {
         .spawn()
         .unwrap();
     // The banner is printed once the listener is bound; it names the URL.
-    let stdout = child.stdout.take().unwrap();
-    let fhir_base = BufReader::new(stdout)
+    let mut lines = BufReader::new(child.stdout.take().unwrap())
         .lines()
-        .map_while(Result::ok)
+        .map_while(Result::ok);
+    let fhir_base = lines
+        .by_ref()
         .find_map(|line| {
             line.trim()
                 .strip_prefix("FHIR API:")
                 .map(|url| url.trim().to_string())
         })
         .expect("the demo prints its FHIR base");
+    // Keep reading the rest so the demo's stdout stays open.
+    let drain = std::thread::spawn(move || lines.count());
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let total = runtime.block_on(async {
@@ -170,4 +173,5 @@ fn demo_serves_sample_data_and_stops_gracefully_on_sigterm() {
     assert!(killed.success());
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "SIGTERM is a graceful stop");
+    drain.join().unwrap();
 }

@@ -62,14 +62,18 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
 
 // ---- request helpers ----------------------------------------------------
 
-fn json_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Value, ApiError> {
-    let bytes = body.map_err(|rejection| {
+fn body_bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge { limit }
         } else {
             ApiError::BadRequest(format!("the request body could not be read: {rejection}"))
         }
-    })?;
+    })
+}
+
+fn json_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Value, ApiError> {
+    let bytes = body_bytes(body, limit)?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::BadRequest(
             "the request has no body; send a FHIR resource as application/fhir+json".into(),
@@ -133,12 +137,21 @@ fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
-fn encode_pairs(pairs: &[(String, String)]) -> String {
+/// `path?params[&_cursor=cursor]`: the self and next links of a page.
+fn page_link(path: &str, params: &[(String, String)], cursor: Option<&str>) -> String {
     let mut serializer = url::form_urlencoded::Serializer::new(String::new());
-    for (k, v) in pairs {
+    for (k, v) in params {
         serializer.append_pair(k, v);
     }
-    serializer.finish()
+    if let Some(cursor) = cursor {
+        serializer.append_pair("_cursor", cursor);
+    }
+    let query = serializer.finish();
+    if query.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{query}")
+    }
 }
 
 // ---- response helpers ---------------------------------------------------
@@ -350,23 +363,8 @@ async fn run_search(
         lenient: lenient(headers),
     };
     let page = state.store.search(request).await?;
-    let base_query = encode_pairs(&params);
-    let link = |cursor: Option<&str>| {
-        let mut query = base_query.clone();
-        if let Some(c) = cursor {
-            let extra = encode_pairs(&[("_cursor".to_string(), c.to_string())]);
-            query = if query.is_empty() {
-                extra
-            } else {
-                format!("{query}&{extra}")
-            };
-        }
-        if query.is_empty() {
-            format!("{}/{resource_type}", state.fhir_base)
-        } else {
-            format!("{}/{resource_type}?{query}", state.fhir_base)
-        }
-    };
+    let path = format!("{}/{resource_type}", state.fhir_base);
+    let link = |cursor: Option<&str>| page_link(&path, &params, cursor);
     let self_url = link(cursor.as_deref());
     let next_url = page.next_cursor.as_deref().map(|c| link(Some(c)));
     let outcome = (!page.ignored_params.is_empty()).then(|| {
@@ -411,15 +409,7 @@ async fn search_post(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge {
-                limit: state.settings.server.max_body_bytes,
-            }
-        } else {
-            ApiError::BadRequest(format!("the request body could not be read: {rejection}"))
-        }
-    })?;
+    let body = body_bytes(body, state.settings.server.max_body_bytes)?;
     let mut params = query_pairs(query.as_deref());
     let form = std::str::from_utf8(&body)
         .map_err(|_| ApiError::BadRequest("the _search body is not UTF-8 form data".into()))?;
@@ -472,26 +462,14 @@ async fn history(
         (Some(t), None) => format!("{}/{t}/_history", state.fhir_base),
         _ => format!("{}/_history", state.fhir_base),
     };
+    let cursor = pairs
+        .iter()
+        .find(|(k, _)| k == "_cursor")
+        .map(|(_, v)| v.clone());
     let base_pairs: Vec<(String, String)> =
         pairs.into_iter().filter(|(k, _)| k != "_cursor").collect();
-    let link = |cursor: Option<&str>| {
-        let mut pairs = base_pairs.clone();
-        if let Some(c) = cursor {
-            pairs.push(("_cursor".into(), c.into()));
-        }
-        let q = encode_pairs(&pairs);
-        if q.is_empty() {
-            path.clone()
-        } else {
-            format!("{path}?{q}")
-        }
-    };
-    let self_url = link(
-        query_pairs(query)
-            .iter()
-            .find(|(k, _)| k == "_cursor")
-            .map(|(_, v)| v.as_str()),
-    );
+    let link = |cursor: Option<&str>| page_link(&path, &base_pairs, cursor);
+    let self_url = link(cursor.as_deref());
     let next_url = page.next_cursor.as_deref().map(|c| link(Some(c)));
     Ok(json_response(
         StatusCode::OK,
