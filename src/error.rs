@@ -114,10 +114,12 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, outcome) = self.status_and_outcome();
+        // A client's query or body may carry phone numbers: never log them whole.
+        let logged = crate::telemetry::redact_phones(&self.to_string());
         if status.is_server_error() {
-            tracing::error!(status = status.as_u16(), error = %self, "request failed");
+            tracing::error!(status = status.as_u16(), error = %logged, "request failed");
         } else {
-            tracing::info!(status = status.as_u16(), error = %self, "request rejected");
+            tracing::info!(status = status.as_u16(), error = %logged, "request rejected");
         }
         let mut response =
             (status, serde_json::to_vec(&outcome).unwrap_or_default()).into_response();

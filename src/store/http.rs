@@ -410,7 +410,7 @@ impl HttpFhirStore {
                     tracing::warn!(
                         method = %call.method,
                         path = call.url.path(),
-                        error = %chain(&e),
+                        error = %crate::telemetry::redact_phones(&chain(&e)),
                         retry_in_ms = delay.as_millis() as u64,
                         attempt = attempt + 1,
                         "FHIR server not reachable; retrying"
