@@ -14,7 +14,9 @@
 //!   `HttpFhirStore` (HAPI or any FHIR R4 server).
 //! - [`api`]: axum routers: `/fhir`, health, metrics, authentication.
 //! - [`startup`]: building and running the application; graceful shutdown.
-//! - [`cli`]: the `import` and `check` commands.
+//! - [`cli`]: the `import`, `check` and `demo` commands.
+//! - [`rapidpro`]: the RapidPro API v2 client and the RapidPro sandbox (in progress).
+//! - [`pipeline`]: phone normalisation and the person -> contact mapping (in progress).
 //!
 //! `docs/architecture.md` describes the design.
 
@@ -23,6 +25,8 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod fhir;
+pub mod pipeline;
+pub mod rapidpro;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

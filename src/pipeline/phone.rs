@@ -1,0 +1,1 @@
+//! Phone numbers to E.164 URNs.

@@ -1,0 +1,1 @@
+//! RapidPro API v2 client.

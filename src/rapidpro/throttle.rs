@@ -1,0 +1,1 @@
+//! Client-side request budgets per RapidPro throttle scope.

@@ -1,0 +1,1 @@
+//! Typed RapidPro API v2 requests and responses.
