@@ -1,4 +1,4 @@
 //! From FHIR people to RapidPro contacts and back: phone normalisation
-//! (`phone`) and the contact mapping (`contact`).
+//! (`phone`); the contact mapping follows.
 
 pub mod phone;
