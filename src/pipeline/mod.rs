@@ -1,4 +1,5 @@
 //! From FHIR people to RapidPro contacts and back: phone normalisation
-//! (`phone`); the contact mapping follows.
+//! (`phone`) and the person -> contact mapping (`contact`).
 
+pub mod contact;
 pub mod phone;
