@@ -17,6 +17,7 @@
 //! - [`cli`]: the `import`, `check` and `demo` commands.
 //! - [`rapidpro`]: the RapidPro API v2 client and the RapidPro sandbox (in progress).
 //! - [`pipeline`]: phone normalisation and the person -> contact mapping (in progress).
+//! - [`jobs`]: background work from FHIR state (contact UUID write-back so far).
 //!
 //! `docs/architecture.md` describes the design.
 
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod fhir;
+pub mod jobs;
 pub mod pipeline;
 pub mod rapidpro;
 pub mod startup;
