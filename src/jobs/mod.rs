@@ -1,6 +1,8 @@
 //! Background work executed from FHIR state, idempotently: each job
 //! exposes `run_once()` (tests drive it, never sleep) and `run(cancel)`.
 //! Today: writing RapidPro contact UUIDs back onto FHIR people
-//! (`contact_writeback`); the sync, dispatch and reconcile jobs follow.
+//! (`contact_writeback`) and durable job cursors (`cursor`); the sync,
+//! dispatch and reconcile jobs follow.
 
 pub mod contact_writeback;
+pub mod cursor;
