@@ -1,0 +1,201 @@
+//! FHIR -> RapidPro contact sync: for each person changed since the
+//! stored cursor, compute the contact draft, skip it if its hash equals
+//! what was last pushed, otherwise find the RapidPro contact (by the
+//! written-back UUID, then by URN), create or update it, and write the
+//! UUID and hash back. RapidPro is reached through [`ContactDirectory`],
+//! implemented by the RapidPro client (and by fakes in tests).
+
+use async_trait::async_trait;
+
+use super::contact_writeback::{content_hash, pushed_hash, write_back};
+use super::cursor::Cursor;
+use crate::pipeline::contact::{ContactDraft, PERSON_TYPES, draft};
+use crate::pipeline::phone::PhoneNormalizer;
+use crate::store::{FhirStore, SearchRequest, StoreError};
+
+/// A RapidPro contact as the sync needs to see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteContact {
+    pub uuid: String,
+    pub urns: Vec<String>,
+    /// The `globalid` field: the FHIR id of the person it belongs to.
+    pub global_id: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("RapidPro: {0}")]
+    RapidPro(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What the sync needs from RapidPro.
+#[async_trait]
+pub trait ContactDirectory: Send + Sync {
+    async fn find_by_uuid(&self, uuid: &str) -> Result<Option<RemoteContact>, SyncError>;
+    async fn find_by_urn(&self, urn: &str) -> Result<Option<RemoteContact>, SyncError>;
+    async fn create(&self, draft: &ContactDraft) -> Result<RemoteContact, SyncError>;
+    async fn update(&self, uuid: &str, draft: &ContactDraft) -> Result<RemoteContact, SyncError>;
+    /// The person is inactive: RapidPro archives the contact (not messaged,
+    /// history kept; restored when the person is active again).
+    async fn archive(&self, uuid: &str) -> Result<(), SyncError>;
+}
+
+/// What happened to one person.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PersonOutcome {
+    /// Same content as last pushed: no RapidPro call.
+    Unchanged,
+    Created(String),
+    Updated(String),
+    Archived(String),
+    /// No valid phone and no contact yet: nothing to create.
+    NoPhone,
+    /// A URN belongs to another person's contact: reported, not stolen.
+    Conflict(String),
+}
+
+/// One pass over people changed since the cursor.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SyncReport {
+    pub examined: usize,
+    pub unchanged: usize,
+    pub created: usize,
+    pub updated: usize,
+    pub archived: usize,
+    pub no_phone: usize,
+    pub conflicts: Vec<String>,
+    pub failures: Vec<String>,
+}
+
+/// Sync one person (already read from the store).
+pub async fn sync_person(
+    store: &dyn FhirStore,
+    directory: &dyn ContactDirectory,
+    phones: &PhoneNormalizer,
+    resource: &serde_json::Value,
+) -> Result<PersonOutcome, SyncError> {
+    let contact = draft(resource, phones);
+    let hash = content_hash(&contact);
+    if contact.contact_uuid.is_some() && pushed_hash(resource).as_deref() == Some(hash.as_str()) {
+        return Ok(PersonOutcome::Unchanged);
+    }
+    let known = match &contact.contact_uuid {
+        Some(uuid) => directory.find_by_uuid(uuid).await?,
+        None => None,
+    };
+    let existing = match known {
+        Some(found) => Some(found),
+        None => {
+            let mut found = None;
+            for urn in &contact.urns {
+                if let Some(remote) = directory.find_by_urn(urn).await? {
+                    found = Some(remote);
+                    break;
+                }
+            }
+            found
+        }
+    };
+    if let Some(remote) = &existing
+        && let Some(owner) = remote
+            .global_id
+            .as_deref()
+            .filter(|g| !g.is_empty() && *g != contact.global_id)
+    {
+        return Ok(PersonOutcome::Conflict(format!(
+            "{}/{}: a phone number of this person belongs to RapidPro contact {} of {owner}",
+            contact.entity_type, contact.global_id, remote.uuid
+        )));
+    }
+    let outcome = match (existing, contact.inactive) {
+        (Some(remote), true) => {
+            directory.archive(&remote.uuid).await?;
+            PersonOutcome::Archived(remote.uuid)
+        }
+        (None, true) => PersonOutcome::NoPhone,
+        (Some(remote), false) => {
+            PersonOutcome::Updated(directory.update(&remote.uuid, &contact).await?.uuid)
+        }
+        (None, false) if contact.urns.is_empty() => PersonOutcome::NoPhone,
+        (None, false) => PersonOutcome::Created(directory.create(&contact).await?.uuid),
+    };
+    if let PersonOutcome::Created(uuid)
+    | PersonOutcome::Updated(uuid)
+    | PersonOutcome::Archived(uuid) = &outcome
+    {
+        write_back(store, &contact.entity_type, &contact.global_id, uuid, &hash).await?;
+    }
+    Ok(outcome)
+}
+
+/// The periodic pass: every person type, changed since its cursor, oldest
+/// first; each cursor advances after each page is done.
+pub struct ContactSync<'a> {
+    pub store: &'a dyn FhirStore,
+    pub directory: &'a dyn ContactDirectory,
+    pub phones: &'a PhoneNormalizer,
+    pub page_size: usize,
+}
+
+impl ContactSync<'_> {
+    /// `full` ignores the cursors and looks at everyone.
+    pub async fn run_once(&self, full: bool) -> Result<SyncReport, SyncError> {
+        let mut report = SyncReport::default();
+        for resource_type in PERSON_TYPES {
+            let mut cursor = Cursor::load(
+                self.store,
+                &format!("contacts-{}", resource_type.to_ascii_lowercase()),
+            )
+            .await?;
+            let since = if full { None } else { cursor.position.clone() };
+            let mut params = vec![
+                ("_sort".to_string(), "_lastUpdated".to_string()),
+                ("_count".to_string(), self.page_size.to_string()),
+            ];
+            if let Some(since) = &since {
+                params.push(("_lastUpdated".into(), format!("ge{since}")));
+            }
+            let mut page_cursor = None;
+            loop {
+                let page = self
+                    .store
+                    .search(SearchRequest {
+                        resource_type: resource_type.to_string(),
+                        params: params.clone(),
+                        cursor: page_cursor.clone(),
+                        lenient: false,
+                    })
+                    .await?;
+                for person in &page.matches {
+                    report.examined += 1;
+                    match sync_person(self.store, self.directory, self.phones, &person.resource)
+                        .await
+                    {
+                        Ok(PersonOutcome::Unchanged) => report.unchanged += 1,
+                        Ok(PersonOutcome::Created(_)) => report.created += 1,
+                        Ok(PersonOutcome::Updated(_)) => report.updated += 1,
+                        Ok(PersonOutcome::Archived(_)) => report.archived += 1,
+                        Ok(PersonOutcome::NoPhone) => report.no_phone += 1,
+                        Ok(PersonOutcome::Conflict(message)) => report.conflicts.push(message),
+                        Err(e) => report.failures.push(format!("{}: {e}", person.reference())),
+                    }
+                }
+                // Only advance past what was done without failures.
+                if let Some(last) = page.matches.last()
+                    && report.failures.is_empty()
+                {
+                    cursor
+                        .advance(self.store, &crate::fhir::format_instant(&last.last_updated))
+                        .await?;
+                }
+                match page.next_cursor {
+                    Some(next) if report.failures.is_empty() => page_cursor = Some(next),
+                    _ => break,
+                }
+            }
+        }
+        Ok(report)
+    }
+}

@@ -1,0 +1,224 @@
+//! The FHIR -> RapidPro contact sync pass against an in-memory directory
+//! that counts calls: creates, zero calls for unchanged people, URN
+//! replacement on a phone change, archive on deactivation, conflicts.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use mhero::jobs::contact_sync::{ContactDirectory, ContactSync, RemoteContact, SyncError};
+use mhero::pipeline::contact::ContactDraft;
+use mhero::pipeline::phone::PhoneNormalizer;
+use mhero::store::FhirStore;
+use mhero::store::sqlite::SqliteStore;
+use serde_json::{Value, json};
+
+#[derive(Default)]
+struct FakeDirectory {
+    contacts: Mutex<HashMap<String, (Vec<String>, Option<String>, bool)>>,
+    calls: Mutex<Vec<String>>,
+}
+
+impl FakeDirectory {
+    fn calls(&self) -> usize {
+        self.calls.lock().unwrap().len()
+    }
+    fn remote(&self, uuid: &str, urns: &[String], global_id: &Option<String>) -> RemoteContact {
+        RemoteContact {
+            uuid: uuid.to_string(),
+            urns: urns.to_vec(),
+            global_id: global_id.clone(),
+        }
+    }
+}
+
+#[async_trait]
+impl ContactDirectory for FakeDirectory {
+    async fn find_by_uuid(&self, uuid: &str) -> Result<Option<RemoteContact>, SyncError> {
+        self.calls.lock().unwrap().push(format!("get uuid {uuid}"));
+        Ok(self
+            .contacts
+            .lock()
+            .unwrap()
+            .get(uuid)
+            .map(|(u, g, _)| self.remote(uuid, u, g)))
+    }
+    async fn find_by_urn(&self, urn: &str) -> Result<Option<RemoteContact>, SyncError> {
+        self.calls.lock().unwrap().push(format!("get urn {urn}"));
+        let contacts = self.contacts.lock().unwrap();
+        Ok(contacts
+            .iter()
+            .find(|(_, (u, _, _))| u.iter().any(|x| x == urn))
+            .map(|(id, (u, g, _))| self.remote(id, u, g)))
+    }
+    async fn create(&self, draft: &ContactDraft) -> Result<RemoteContact, SyncError> {
+        self.calls.lock().unwrap().push("create".into());
+        let uuid = uuid::Uuid::new_v4().to_string();
+        self.contacts.lock().unwrap().insert(
+            uuid.clone(),
+            (draft.urns.clone(), Some(draft.global_id.clone()), false),
+        );
+        Ok(self.remote(&uuid, &draft.urns, &Some(draft.global_id.clone())))
+    }
+    async fn update(&self, uuid: &str, draft: &ContactDraft) -> Result<RemoteContact, SyncError> {
+        self.calls.lock().unwrap().push(format!("update {uuid}"));
+        self.contacts.lock().unwrap().insert(
+            uuid.to_string(),
+            (draft.urns.clone(), Some(draft.global_id.clone()), false),
+        );
+        Ok(self.remote(uuid, &draft.urns, &Some(draft.global_id.clone())))
+    }
+    async fn archive(&self, uuid: &str) -> Result<(), SyncError> {
+        self.calls.lock().unwrap().push(format!("archive {uuid}"));
+        if let Some(c) = self.contacts.lock().unwrap().get_mut(uuid) {
+            c.2 = true;
+        }
+        Ok(())
+    }
+}
+
+fn person(id: &str, phone: Option<&str>) -> Value {
+    let mut p = json!({ "resourceType": "Practitioner", "id": id, "active": true, "name": [{ "text": format!("Worker {id}") }] });
+    if let Some(phone) = phone {
+        p["telecom"] = json!([{ "system": "phone", "value": phone }]);
+    }
+    p
+}
+
+#[tokio::test]
+async fn sync_creates_then_costs_nothing_then_follows_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("fhir.sqlite"))
+        .await
+        .unwrap();
+    for (id, phone) in [
+        ("a", Some("0770123456")),
+        ("b", Some("0886123456")),
+        ("c", None),
+        ("d", Some("111-111-1111")),
+    ] {
+        store
+            .update("Practitioner", id, person(id, phone), None)
+            .await
+            .unwrap();
+    }
+    let directory = FakeDirectory::default();
+    let phones = PhoneNormalizer::new(Some("LR")).unwrap();
+    let sync = ContactSync {
+        store: &store,
+        directory: &directory,
+        phones: &phones,
+        page_size: 2,
+    };
+
+    let first = sync.run_once(false).await.unwrap();
+    assert_eq!(first.created, 2, "{first:?}");
+    assert_eq!(
+        first.no_phone, 2,
+        "no phone, and an invalid placeholder phone: {first:?}"
+    );
+    assert!(
+        first.failures.is_empty() && first.conflicts.is_empty(),
+        "{first:?}"
+    );
+    let a = store.read("Practitioner", "a").await.unwrap();
+    let uuid_a = a.resource["identifier"][0]["value"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        a.resource["telecom"][0]["value"], "0770123456",
+        "the source's phone is untouched"
+    );
+
+    let calls_before = directory.calls();
+    let second = sync.run_once(true).await.unwrap();
+    assert_eq!(second.created + second.updated, 0, "{second:?}");
+    assert_eq!(second.unchanged, 2, "{second:?}");
+    assert_eq!(
+        directory.calls(),
+        calls_before,
+        "unchanged people cost zero RapidPro calls"
+    );
+
+    // A new phone replaces the old URN on the same contact.
+    let mut changed = a.resource.clone();
+    changed["telecom"] = json!([{ "system": "phone", "value": "0555 123 456" }]);
+    store
+        .update("Practitioner", "a", changed, None)
+        .await
+        .unwrap();
+    let third = sync.run_once(false).await.unwrap();
+    assert_eq!(third.updated, 1, "{third:?}");
+    let contacts = directory.contacts.lock().unwrap().clone();
+    assert_eq!(
+        contacts[&uuid_a].0,
+        vec!["tel:+231555123456"],
+        "old URN replaced, not added"
+    );
+
+    // Deactivation archives the contact.
+    let mut inactive = store.read("Practitioner", "a").await.unwrap().resource;
+    inactive["active"] = json!(false);
+    store
+        .update("Practitioner", "a", inactive, None)
+        .await
+        .unwrap();
+    let fourth = sync.run_once(false).await.unwrap();
+    assert_eq!(fourth.archived, 1, "{fourth:?}");
+    assert!(
+        directory.contacts.lock().unwrap()[&uuid_a].2,
+        "archived in RapidPro"
+    );
+}
+
+#[tokio::test]
+async fn a_urn_owned_by_someone_else_is_a_reported_conflict() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("fhir.sqlite"))
+        .await
+        .unwrap();
+    store
+        .update(
+            "Practitioner",
+            "new",
+            person("new", Some("0770123456")),
+            None,
+        )
+        .await
+        .unwrap();
+    let directory = FakeDirectory::default();
+    directory.contacts.lock().unwrap().insert(
+        "owner-uuid".into(),
+        (
+            vec!["tel:+231770123456".into()],
+            Some("someone-else".into()),
+            false,
+        ),
+    );
+    let phones = PhoneNormalizer::new(Some("LR")).unwrap();
+    let sync = ContactSync {
+        store: &store,
+        directory: &directory,
+        phones: &phones,
+        page_size: 50,
+    };
+    let report = sync.run_once(false).await.unwrap();
+    assert_eq!(report.conflicts.len(), 1, "{report:?}");
+    assert!(
+        report.conflicts[0].contains("owner-uuid") && report.conflicts[0].contains("someone-else")
+    );
+    assert_eq!(report.created + report.updated, 0);
+    let unchanged = store.read("Practitioner", "new").await.unwrap();
+    assert_eq!(
+        unchanged.version_id, "1",
+        "nothing written back on a conflict"
+    );
+    assert_eq!(
+        directory.contacts.lock().unwrap()["owner-uuid"]
+            .1
+            .as_deref(),
+        Some("someone-else"),
+        "not stolen"
+    );
+}
