@@ -13,9 +13,12 @@ use mhero::store::FhirStore;
 use mhero::store::sqlite::SqliteStore;
 use serde_json::{Value, json};
 
+/// uuid -> (urns, globalid, archived)
+type Contacts = HashMap<String, (Vec<String>, Option<String>, bool)>;
+
 #[derive(Default)]
 struct FakeDirectory {
-    contacts: Mutex<HashMap<String, (Vec<String>, Option<String>, bool)>>,
+    contacts: Mutex<Contacts>,
     calls: Mutex<Vec<String>>,
 }
 
