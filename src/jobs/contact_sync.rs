@@ -77,6 +77,10 @@ pub async fn sync_person(
     resource: &serde_json::Value,
 ) -> Result<PersonOutcome, SyncError> {
     let contact = draft(resource, phones);
+    for rejected in &contact.rejected_phones {
+        metrics::counter!("contact_sync_invalid_phones_total", "resource_type" => contact.entity_type.clone()).increment(1);
+        tracing::warn!(person = %format!("{}/{}", contact.entity_type, contact.global_id), reason = %rejected, "phone number not usable; not sent to RapidPro");
+    }
     let hash = content_hash(&contact);
     if contact.contact_uuid.is_some() && pushed_hash(resource).as_deref() == Some(hash.as_str()) {
         return Ok(PersonOutcome::Unchanged);

@@ -8,12 +8,11 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::pipeline::contact::{CONTACT_UUID_SYSTEM, ContactDraft};
-use crate::store::{FhirStore, StoreError, StoreResult, WriteKind};
+use crate::store::{FhirStore, StoreResult, modify_resource};
 
 /// Extension on the contact-uuid identifier holding the content hash of
 /// the contact last pushed to RapidPro: an unchanged person costs no call.
 pub const PUSHED_HASH_URL: &str = "http://mhero.org/fhir/StructureDefinition/rapidpro-pushed-hash";
-const MAX_ATTEMPTS: usize = 8;
 
 /// SHA-256 (hex) of what the contact should be in RapidPro.
 pub fn content_hash(draft: &ContactDraft) -> String {
@@ -93,23 +92,11 @@ pub async fn write_back(
     uuid: &str,
     hash: &str,
 ) -> StoreResult<bool> {
-    for _ in 0..MAX_ATTEMPTS {
-        let current = store.read(resource_type, id).await?;
-        let Some(updated) = with_contact_identifier(&current.resource, uuid, hash) else {
-            return Ok(false);
-        };
-        match store
-            .update(resource_type, id, updated, Some(&current.version_id))
-            .await
-        {
-            Ok(outcome) => return Ok(outcome.kind != WriteKind::Unchanged),
-            Err(StoreError::VersionConflict { .. }) => continue,
-            Err(other) => return Err(other),
-        }
-    }
-    Err(StoreError::Conflict(format!(
-        "{resource_type}/{id} kept changing; the RapidPro contact UUID could not be written back after {MAX_ATTEMPTS} attempts"
-    )))
+    let written = modify_resource(store, resource_type, id, |current| {
+        with_contact_identifier(current, uuid, hash)
+    })
+    .await?;
+    Ok(written.is_some())
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! (`contact_writeback`) and durable job cursors (`cursor`); the sync,
 //! dispatch and reconcile jobs follow.
 
+pub mod contact_status;
 pub mod contact_sync;
 pub mod contact_writeback;
 pub mod cursor;

@@ -50,6 +50,39 @@ impl ContactDraft {
     }
 }
 
+/// `resource` with the opt-out tag added (`opted_out`) or removed; `None`
+/// if it already says so. Other tags and `meta` elements are kept.
+pub fn with_opt_out(resource: &Value, opted_out: bool) -> Option<Value> {
+    let is_opt_out = |t: &Value| {
+        t.get("system").and_then(Value::as_str) == Some(OPT_OUT_SYSTEM)
+            && t.get("code").and_then(Value::as_str) == Some(OPT_OUT_CODE)
+    };
+    let has = resource
+        .pointer("/meta/tag")
+        .and_then(Value::as_array)
+        .is_some_and(|tags| tags.iter().any(is_opt_out));
+    if has == opted_out {
+        return None;
+    }
+    let mut updated = resource.clone();
+    let object = updated.as_object_mut()?;
+    let meta = object
+        .entry("meta")
+        .or_insert_with(|| serde_json::json!({}));
+    let meta = meta.as_object_mut()?;
+    let tags = meta.entry("tag").or_insert_with(|| serde_json::json!([]));
+    let tags = tags.as_array_mut()?;
+    if opted_out {
+        tags.push(serde_json::json!({ "system": OPT_OUT_SYSTEM, "code": OPT_OUT_CODE, "display": "Opted out of mHero messages" }));
+    } else {
+        tags.retain(|t| !is_opt_out(t));
+        if tags.is_empty() {
+            meta.remove("tag");
+        }
+    }
+    Some(updated)
+}
+
 /// HumanName rules: `official` over `usual` over the first name; `text`
 /// if present, else the givens joined with spaces, then the family name.
 pub fn display_name(resource: &Value) -> Option<String> {
@@ -206,6 +239,18 @@ pub fn draft(resource: &Value, phones: &PhoneNormalizer) -> ContactDraft {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn opt_out_tag_is_added_and_removed_alone() {
+        let r = json!({"resourceType": "Practitioner", "meta": {"profile": ["p"], "tag": [{"system": "s", "code": "other"}]}});
+        let out = with_opt_out(&r, true).unwrap();
+        assert_eq!(out["meta"]["tag"].as_array().unwrap().len(), 2);
+        assert_eq!(out["meta"]["profile"], r["meta"]["profile"]);
+        assert!(with_opt_out(&out, true).is_none());
+        let back = with_opt_out(&out, false).unwrap();
+        assert_eq!(back["meta"], r["meta"]);
+        assert!(with_opt_out(&json!({"resourceType": "Patient"}), false).is_none());
+    }
 
     #[test]
     fn official_name_wins_and_text_is_preferred() {

@@ -313,6 +313,40 @@ pub async fn open_store(settings: &FhirSettings) -> StoreResult<SharedStore> {
     }
 }
 
+/// Read-modify-write with optimistic concurrency: read the resource, let
+/// `change` return the new version (or `None` for "nothing to do"), write
+/// it with `If-Match`, and on a version conflict read again and retry.
+/// Returns the written version, or `None` when nothing needed writing.
+pub async fn modify_resource<F>(
+    store: &dyn FhirStore,
+    resource_type: &str,
+    id: &str,
+    mut change: F,
+) -> StoreResult<Option<StoredResource>>
+where
+    F: FnMut(&Value) -> Option<Value> + Send,
+{
+    const MAX_ATTEMPTS: usize = 8;
+    for _ in 0..MAX_ATTEMPTS {
+        let current = store.read(resource_type, id).await?;
+        let Some(updated) = change(&current.resource) else {
+            return Ok(None);
+        };
+        match store
+            .update(resource_type, id, updated, Some(&current.version_id))
+            .await
+        {
+            Ok(outcome) if outcome.kind == WriteKind::Unchanged => return Ok(None),
+            Ok(outcome) => return Ok(Some(outcome.stored)),
+            Err(StoreError::VersionConflict { .. }) => continue,
+            Err(other) => return Err(other),
+        }
+    }
+    Err(StoreError::Conflict(format!(
+        "{resource_type}/{id} kept changing while it was being updated; gave up after {MAX_ATTEMPTS} attempts"
+    )))
+}
+
 /// Parse an `If-Match` / ETag value (`W/"3"`, `"3"` or `3`) into a version id.
 ///
 /// ```

@@ -1,0 +1,83 @@
+//! RapidPro -> FHIR contact status: a contact that RapidPro reports as
+//! `stopped` or `blocked` (the person sent STOP, or an operator blocked
+//! them) gets the opt-out tag on its FHIR person; back to `active` removes
+//! it. `archived` says nothing about consent and changes nothing.
+
+use crate::pipeline::contact::with_opt_out;
+use crate::store::{FhirStore, StoreResult, modify_resource};
+
+/// What a RapidPro contact status means for consent.
+pub fn opt_out_for_status(status: &str) -> Option<bool> {
+    match status {
+        "stopped" | "blocked" => Some(true),
+        "active" => Some(false),
+        _ => None,
+    }
+}
+
+/// Apply `status` to `resource_type/id`; returns whether FHIR changed.
+pub async fn apply_status(
+    store: &dyn FhirStore,
+    resource_type: &str,
+    id: &str,
+    status: &str,
+) -> StoreResult<bool> {
+    let Some(opted_out) = opt_out_for_status(status) else {
+        return Ok(false);
+    };
+    let written = modify_resource(store, resource_type, id, |current| {
+        with_opt_out(current, opted_out)
+    })
+    .await?;
+    Ok(written.is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+    use serde_json::json;
+
+    #[tokio::test]
+    async fn stopped_opts_out_and_active_opts_back_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("fhir.sqlite"))
+            .await
+            .unwrap();
+        store
+            .update(
+                "Patient",
+                "p",
+                json!({"resourceType": "Patient", "id": "p", "active": true}),
+                None,
+            )
+            .await
+            .unwrap();
+        assert!(
+            apply_status(&store, "Patient", "p", "stopped")
+                .await
+                .unwrap()
+        );
+        assert!(
+            !apply_status(&store, "Patient", "p", "blocked")
+                .await
+                .unwrap(),
+            "already opted out"
+        );
+        let read = store.read("Patient", "p").await.unwrap();
+        assert_eq!(read.resource["meta"]["tag"][0]["code"], "optedout");
+        assert!(
+            !apply_status(&store, "Patient", "p", "archived")
+                .await
+                .unwrap()
+        );
+        assert!(
+            apply_status(&store, "Patient", "p", "active")
+                .await
+                .unwrap()
+        );
+        let read = store.read("Patient", "p").await.unwrap();
+        assert!(read.resource["meta"].get("tag").is_none());
+        assert_eq!(read.version_id, "3");
+    }
+}
