@@ -26,11 +26,12 @@ impl FakeDirectory {
     fn calls(&self) -> usize {
         self.calls.lock().unwrap().len()
     }
-    fn remote(&self, uuid: &str, urns: &[String], global_id: &Option<String>) -> RemoteContact {
+    fn remote(&self, uuid: &str, entry: &(Vec<String>, Option<String>, bool)) -> RemoteContact {
         RemoteContact {
             uuid: uuid.to_string(),
-            urns: urns.to_vec(),
-            global_id: global_id.clone(),
+            urns: entry.0.clone(),
+            global_id: entry.1.clone(),
+            archived: entry.2,
         }
     }
 }
@@ -44,7 +45,7 @@ impl ContactDirectory for FakeDirectory {
             .lock()
             .unwrap()
             .get(uuid)
-            .map(|(u, g, _)| self.remote(uuid, u, g)))
+            .map(|entry| self.remote(uuid, entry)))
     }
     async fn find_by_urn(&self, urn: &str) -> Result<Option<RemoteContact>, SyncError> {
         self.calls.lock().unwrap().push(format!("get urn {urn}"));
@@ -52,29 +53,38 @@ impl ContactDirectory for FakeDirectory {
         Ok(contacts
             .iter()
             .find(|(_, (u, _, _))| u.iter().any(|x| x == urn))
-            .map(|(id, (u, g, _))| self.remote(id, u, g)))
+            .map(|(id, entry)| self.remote(id, entry)))
     }
     async fn create(&self, draft: &ContactDraft) -> Result<RemoteContact, SyncError> {
         self.calls.lock().unwrap().push("create".into());
         let uuid = uuid::Uuid::new_v4().to_string();
-        self.contacts.lock().unwrap().insert(
-            uuid.clone(),
-            (draft.urns.clone(), Some(draft.global_id.clone()), false),
-        );
-        Ok(self.remote(&uuid, &draft.urns, &Some(draft.global_id.clone())))
+        let entry = (draft.urns.clone(), Some(draft.global_id.clone()), false);
+        self.contacts
+            .lock()
+            .unwrap()
+            .insert(uuid.clone(), entry.clone());
+        Ok(self.remote(&uuid, &entry))
     }
     async fn update(&self, uuid: &str, draft: &ContactDraft) -> Result<RemoteContact, SyncError> {
         self.calls.lock().unwrap().push(format!("update {uuid}"));
-        self.contacts.lock().unwrap().insert(
-            uuid.to_string(),
-            (draft.urns.clone(), Some(draft.global_id.clone()), false),
-        );
-        Ok(self.remote(uuid, &draft.urns, &Some(draft.global_id.clone())))
+        let mut contacts = self.contacts.lock().unwrap();
+        // An update does not restore an archived contact (as in RapidPro).
+        let archived = contacts.get(uuid).is_some_and(|c| c.2);
+        let entry = (draft.urns.clone(), Some(draft.global_id.clone()), archived);
+        contacts.insert(uuid.to_string(), entry.clone());
+        Ok(self.remote(uuid, &entry))
     }
     async fn archive(&self, uuid: &str) -> Result<(), SyncError> {
         self.calls.lock().unwrap().push(format!("archive {uuid}"));
         if let Some(c) = self.contacts.lock().unwrap().get_mut(uuid) {
             c.2 = true;
+        }
+        Ok(())
+    }
+    async fn restore(&self, uuid: &str) -> Result<(), SyncError> {
+        self.calls.lock().unwrap().push(format!("restore {uuid}"));
+        if let Some(c) = self.contacts.lock().unwrap().get_mut(uuid) {
+            c.2 = false;
         }
         Ok(())
     }

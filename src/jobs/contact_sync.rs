@@ -20,6 +20,8 @@ pub struct RemoteContact {
     pub urns: Vec<String>,
     /// The `globalid` field: the FHIR id of the person it belongs to.
     pub global_id: Option<String>,
+    /// Archived in RapidPro (not messaged until restored).
+    pub archived: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +42,8 @@ pub trait ContactDirectory: Send + Sync {
     /// The person is inactive: RapidPro archives the contact (not messaged,
     /// history kept; restored when the person is active again).
     async fn archive(&self, uuid: &str) -> Result<(), SyncError>;
+    /// The person is active again: the archived contact is restored.
+    async fn restore(&self, uuid: &str) -> Result<(), SyncError>;
 }
 
 /// What happened to one person.
