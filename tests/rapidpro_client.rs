@@ -999,3 +999,66 @@ async fn live_workspace_contacts_and_groups() {
     let groups: Vec<Group> = client.groups(None).try_collect().await.unwrap();
     assert!(groups.iter().all(|g| !g.uuid.is_empty()));
 }
+
+#[tokio::test]
+async fn a_429_holds_back_other_tasks_of_the_same_scope_only() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/api/v2/flows.json"))
+        .respond_with(
+            json_reply(
+                429,
+                json!({"detail": "Request was throttled. Expected available in 1 seconds."}),
+            )
+            .insert_header("Retry-After", "1"),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    for endpoint in ["groups", "contacts"] {
+        Mock::given(method("GET"))
+            .and(path(format!("/api/v2/{endpoint}.json")))
+            .respond_with(json_reply(200, python("empty.json")))
+            .expect(1)
+            .mount(&server)
+            .await;
+    }
+    let no_retries = ClientOptions {
+        max_retries: 0,
+        ..options()
+    };
+    let client = client_with(&server, no_retries, Throttle::default());
+    let started = Instant::now();
+    let err = client
+        .flows(&TimeQuery::default())
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        RapidProError::Throttled {
+            scope: Scope::V2,
+            ..
+        }
+    ));
+
+    // Another task, another endpoint of scope v2: it waits for the pause.
+    let other = client.clone();
+    let groups = tokio::spawn(async move {
+        other.groups(None).try_collect::<Vec<_>>().await.unwrap();
+        Instant::now()
+    });
+    // Scope v2.contacts is not paused.
+    client
+        .contacts(&ContactQuery::default())
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_millis(800));
+    let groups_done = groups.await.unwrap();
+    assert!(
+        groups_done - started >= Duration::from_millis(950),
+        "{:?}",
+        groups_done - started
+    );
+}

@@ -4,9 +4,9 @@
 //! (`shared/reference/rapidpro-api.md`): the `/api/v2/<endpoint>.json`
 //! URLs, `Authorization: Token <key>` (never logged; `Debug` hides it),
 //! the shared per-scope budget ([`Throttle`]) taken before every attempt,
-//! following cursor `next` links opaquely (as a [`Stream`] of items or page
-//! by page), retries, and the single mapping of RapidPro answers to
-//! [`RapidProError`].
+//! following cursor `next` links opaquely (as a
+//! [`Stream`](futures::Stream) of items, or page by page), retries, and the
+//! single mapping of RapidPro answers to [`RapidProError`].
 //!
 //! # Retries
 //!
