@@ -9,7 +9,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use mhero::config::Secret;
 use mhero::rapidpro::client::{
     ClientOptions, ContactLookup, ContactQuery, MessageQuery, RapidProClient, RapidProError,
@@ -1061,4 +1061,76 @@ async fn a_429_holds_back_other_tasks_of_the_same_scope_only() {
         "{:?}",
         groups_done - started
     );
+}
+
+#[tokio::test]
+async fn a_delete_throttled_then_not_found_is_not_found() {
+    let server = MockServer::start().await;
+    Mock::given(method("DELETE"))
+        .and(path("/api/v2/groups.json"))
+        .respond_with(
+            json_reply(
+                429,
+                json!({"detail": "Request was throttled. Expected available in 0 seconds."}),
+            )
+            .insert_header("Retry-After", "0"),
+        )
+        .up_to_n_times(1)
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("DELETE"))
+        .and(path("/api/v2/groups.json"))
+        .respond_with(json_reply(404, json!({"detail": "Not found."})))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let err = client(&server)
+        .delete_group("5f05311e-8f81-4a67-a5b5-1501b6d6496a")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RapidProError::NotFound { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn an_urn_upsert_with_urns_in_the_body_is_refused_before_sending() {
+    let server = MockServer::start().await;
+    let err = client(&server)
+        .update_contact(
+            &ContactLookup::Urn("tel:+250783835665".into()),
+            &ContactWrite {
+                urns: Some(vec!["tel:+250783835665".into()]),
+                ..ContactWrite::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    let RapidProError::Invalid(errors) = err else {
+        panic!("{err:?}");
+    };
+    assert_eq!(
+        errors.for_field("urns"),
+        ["Field not allowed when using URN in URL"]
+    );
+    assert!(server.received_requests().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_next_link_to_the_same_page_stops_paging() {
+    let server = MockServer::start().await;
+    let page = json!({
+        "next": format!("{}/api/v2/groups.json?cursor=same", server.uri()),
+        "previous": null,
+        "results": [{"uuid": "5f05311e-8f81-4a67-a5b5-1501b6d6496a", "name": "Reporters"}]
+    });
+    Mock::given(method("GET"))
+        .and(path("/api/v2/groups.json"))
+        .respond_with(json_reply(200, page))
+        .expect(2)
+        .mount(&server)
+        .await;
+    let results: Vec<_> = client(&server).groups(None).collect().await;
+    assert_eq!(results.len(), 3, "two items, then the error");
+    assert!(results[0].is_ok() && results[1].is_ok());
+    assert!(matches!(results[2], Err(RapidProError::Decode(_))));
 }

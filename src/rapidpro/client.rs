@@ -20,7 +20,8 @@
 //!   jitter only for requests that can be repeated safely: GETs, updates by
 //!   `?uuid=`/`?urn=` (repeating one leaves the same state; `?urn=` upserts
 //!   find the contact created by the first attempt), DELETEs (a 404 on a
-//!   repeat means the first attempt deleted it, and counts as success),
+//!   repeat after a 5xx or a lost answer means the first attempt deleted
+//!   it, and counts as success),
 //!   and contact actions other than `delete` (add, remove, block, unblock,
 //!   interrupt and archive leave the same state when repeated).
 //! * **Creates** (contacts, groups, fields, broadcasts, flow starts) and the
@@ -476,6 +477,14 @@ fn push_time(
     }
 }
 
+/// Where a paged list goes next.
+enum Cursor {
+    Page(Url),
+    /// The last `next` named the page it came with.
+    Loop,
+    End,
+}
+
 /// May this request be sent again after a connection error or a 5xx?
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Repeat {
@@ -663,12 +672,23 @@ impl RapidProClient {
     /// Update the contact named by `lookup` (200). With
     /// [`ContactLookup::Urn`] RapidPro creates the contact when nobody has
     /// that URN (201, [`UpsertKind::Created`]); the body must not carry
-    /// `urns` then.
+    /// `urns` then (refused before sending, with RapidPro's 400 message).
     pub async fn update_contact(
         &self,
         lookup: &ContactLookup,
         contact: &ContactWrite,
     ) -> RapidProResult<(UpsertKind, Contact)> {
+        if matches!(lookup, ContactLookup::Urn(_)) && contact.urns.is_some() {
+            // RapidPro's own answer, without spending a request on it.
+            return Err(RapidProError::Invalid(ValidationErrors {
+                fields: vec![FieldError {
+                    field: "urns".into(),
+                    item: None,
+                    message: "Field not allowed when using URN in URL".into(),
+                }],
+                ..ValidationErrors::default()
+            }));
+        }
         let url = self.endpoint("contacts", &[lookup.pair()])?;
         let reply = self
             .write(
@@ -863,16 +883,29 @@ impl RapidProClient {
             Err(e) => return stream::once(async move { Err(e) }).boxed(),
         };
         let client = self.clone();
-        stream::try_unfold(Some(first), move |next| {
+        stream::try_unfold(Cursor::Page(first), move |cursor| {
             let client = client.clone();
             async move {
-                let Some(url) = next else {
-                    return Ok(None);
+                let url = match cursor {
+                    Cursor::Page(url) => url,
+                    Cursor::End => return Ok(None),
+                    Cursor::Loop => {
+                        return Err(RapidProError::Decode(
+                            "the next link names the page just read; paging stopped".into(),
+                        ));
+                    }
                 };
-                let page: Page<T> = client.get_json(url, scope).await?;
+                let page: Page<T> = client.get_json(url.clone(), scope).await?;
                 let next = match page.next.as_deref() {
-                    Some(link) if !link.is_empty() => Some(client.cursor_url(link)?),
-                    _ => None,
+                    Some(link) if !link.is_empty() => {
+                        let next = client.cursor_url(link)?;
+                        if next == url {
+                            Cursor::Loop
+                        } else {
+                            Cursor::Page(next)
+                        }
+                    }
+                    _ => Cursor::End,
                 };
                 let items = stream::iter(page.results.into_iter().map(Ok));
                 Ok(Some((items, next)))
@@ -924,6 +957,9 @@ impl RapidProClient {
     /// answer.
     async fn send(&self, call: &Call) -> RapidProResult<Reply> {
         let mut attempt: u32 = 0;
+        // An earlier attempt may have been carried out (its answer was a
+        // 5xx or was lost); a 429 was not processed.
+        let mut maybe_done = false;
         loop {
             self.throttle.acquire(call.scope).await;
             let mut request = self
@@ -986,12 +1022,13 @@ impl RapidProClient {
                         attempt = attempt + 1,
                         "RapidPro answered a server error; retrying"
                     );
+                    maybe_done = true;
                     tokio::time::sleep(delay).await;
                 }
                 Ok(reply)
                     if reply.status == StatusCode::NOT_FOUND
                         && call.method == Method::DELETE
-                        && attempt > 0 =>
+                        && maybe_done =>
                 {
                     // An earlier attempt deleted it before its answer was lost.
                     return Ok(Reply {
@@ -1021,6 +1058,7 @@ impl RapidProClient {
                         attempt = attempt + 1,
                         "RapidPro not reachable; retrying"
                     );
+                    maybe_done = true;
                     tokio::time::sleep(delay).await;
                 }
                 Err(e) => return Err(RapidProError::Connection(chain(&e))),
