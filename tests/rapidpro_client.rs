@@ -777,7 +777,7 @@ async fn a_create_that_times_out_is_reported_once() {
 }
 
 #[tokio::test]
-async fn a_connection_failure_on_a_create_is_not_retried() {
+async fn a_create_that_cannot_connect_is_a_connection_error() {
     // A port nothing listens on: bind, take the address, close.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap();

@@ -25,9 +25,11 @@
 //!   and contact actions other than `delete` (add, remove, block, unblock,
 //!   interrupt and archive leave the same state when repeated).
 //! * **Creates** (contacts, groups, fields, broadcasts, flow starts) and the
-//!   `delete` contact action are **never re-sent** after a connection
-//!   error, a timeout or a 5xx: RapidPro has no idempotency key and may
-//!   have done the work, so the error goes to the caller, who reconciles.
+//!   `delete` contact action are **never re-sent** after a broken
+//!   connection, a timeout or a 5xx: RapidPro has no idempotency key and
+//!   may have done the work, so the error goes to the caller, who
+//!   reconciles. Only a failure to connect at all (nothing was sent) is
+//!   retried for them.
 //! * **Timeouts** are not retried (a slow server would otherwise hold the
 //!   caller for `timeout × retries`), as in the FHIR HTTP store.
 
@@ -207,7 +209,9 @@ fn detail_of(body: &[u8]) -> String {
     }
 }
 
-/// Everything that can go wrong talking to RapidPro.
+/// Everything that can go wrong talking to RapidPro. Messages may quote
+/// URNs (`Invalid URN: tel:+…`): log them through
+/// `crate::telemetry::redact_phones`. They never carry the token.
 #[derive(Debug, thiserror::Error)]
 pub enum RapidProError {
     /// 400: RapidPro rejected the request.
@@ -1047,6 +1051,19 @@ impl RapidProClient {
                 }
                 Err(e) if e.is_timeout() => {
                     return Err(RapidProError::Timeout(self.options.timeout));
+                }
+                Err(e) if e.is_connect() && retries_left => {
+                    // No connection, so nothing was sent: safe for creates too.
+                    let delay = backoff_delay(self.options.backoff, attempt);
+                    tracing::warn!(
+                        method = %call.method,
+                        path = call.url.path(),
+                        error = %crate::telemetry::redact_phones(&chain(&e)),
+                        retry_in_ms = delay.as_millis() as u64,
+                        attempt = attempt + 1,
+                        "cannot connect to RapidPro; retrying"
+                    );
+                    tokio::time::sleep(delay).await;
                 }
                 Err(e) if may_repeat => {
                     let delay = backoff_delay(self.options.backoff, attempt);
