@@ -149,6 +149,43 @@ pub struct RapidProSettings {
     pub base_url: Option<Url>,
     pub token: Option<Secret>,
     pub import_unknown_contacts: bool,
+    /// Seconds to wait for one RapidPro answer.
+    pub timeout_secs: u64,
+    /// Retries of a request that may be repeated (reads, updates by
+    /// `?uuid=`/`?urn=`, deletes) after a connection error or a 5xx, and
+    /// of any request answered 429. Creates are never re-sent.
+    pub max_retries: u32,
+    /// Longest `Retry-After` (seconds) a request waits out before retrying;
+    /// a longer one is returned as a throttling error.
+    pub max_throttle_wait_secs: u64,
+    /// Client-side request budget per RapidPro throttle scope.
+    pub rate_per_hour: RapidProRates,
+}
+
+/// Requests per hour per RapidPro throttle scope (RapidPro's default is
+/// 3600 for each; a workspace may have other rates).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RapidProRates {
+    /// Scope `v2`: every endpoint except the three below.
+    pub v2: u32,
+    /// Scope `v2.contacts`: `/contacts.json`.
+    pub contacts: u32,
+    /// Scope `v2.messages`: `/messages.json`.
+    pub messages: u32,
+    /// Scope `v2.runs`: `/runs.json`.
+    pub runs: u32,
+}
+
+impl Default for RapidProRates {
+    fn default() -> Self {
+        RapidProRates {
+            v2: 3600,
+            contacts: 3600,
+            messages: 3600,
+            runs: 3600,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -240,6 +277,24 @@ impl Settings {
             return Err(ConfigError(
                 "fhir.http.timeout_secs must be at least 1".into(),
             ));
+        }
+        if self.rapidpro.timeout_secs == 0 {
+            return Err(ConfigError(
+                "rapidpro.timeout_secs must be at least 1".into(),
+            ));
+        }
+        let rates = &self.rapidpro.rate_per_hour;
+        for (name, rate) in [
+            ("v2", rates.v2),
+            ("contacts", rates.contacts),
+            ("messages", rates.messages),
+            ("runs", rates.runs),
+        ] {
+            if rate == 0 {
+                return Err(ConfigError(format!(
+                    "rapidpro.rate_per_hour.{name} must be at least 1"
+                )));
+            }
         }
         if self.server.max_body_bytes == 0 {
             return Err(ConfigError(
@@ -339,6 +394,31 @@ mod tests {
         assert_eq!(s.auth.api_keys[1].expose(), "beta");
         assert_eq!(s.rapidpro.token.as_ref().unwrap().expose(), "tok");
         assert_eq!(s.fhir.embedded.path, PathBuf::from("/tmp/x.sqlite"));
+    }
+
+    #[test]
+    fn rapidpro_defaults_and_overrides() {
+        let s = Settings::load_from(None, env(&[])).unwrap();
+        assert_eq!(s.rapidpro.rate_per_hour, RapidProRates::default());
+        assert_eq!(s.rapidpro.timeout_secs, 30);
+        assert_eq!(s.rapidpro.max_retries, 3);
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("MHERO__RAPIDPRO__RATE_PER_HOUR__CONTACTS", "15000"),
+                ("MHERO__RAPIDPRO__MAX_RETRIES", "0"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.rapidpro.rate_per_hour.contacts, 15000);
+        assert_eq!(s.rapidpro.rate_per_hour.v2, 3600);
+        assert_eq!(s.rapidpro.max_retries, 0);
+        let err = Settings::load_from(None, env(&[("MHERO__RAPIDPRO__RATE_PER_HOUR__RUNS", "0")]))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("rapidpro.rate_per_hour.runs"),
+            "{err}"
+        );
     }
 
     #[test]
