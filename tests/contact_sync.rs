@@ -1,6 +1,6 @@
 //! The FHIR -> RapidPro contact sync pass against an in-memory directory
 //! that counts calls: creates, zero calls for unchanged people, URN
-//! replacement on a phone change, archive on deactivation, conflicts.
+//! replacement on a phone change, block on deactivation, conflicts.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -13,7 +13,7 @@ use mhero::store::FhirStore;
 use mhero::store::sqlite::SqliteStore;
 use serde_json::{Value, json};
 
-/// uuid -> (urns, globalid, archived)
+/// uuid -> (urns, globalid, blocked)
 type Contacts = HashMap<String, (Vec<String>, Option<String>, bool)>;
 
 #[derive(Default)]
@@ -31,7 +31,7 @@ impl FakeDirectory {
             uuid: uuid.to_string(),
             urns: entry.0.clone(),
             global_id: entry.1.clone(),
-            archived: entry.2,
+            blocked: entry.2,
         }
     }
 }
@@ -68,21 +68,21 @@ impl ContactDirectory for FakeDirectory {
     async fn update(&self, uuid: &str, draft: &ContactDraft) -> Result<RemoteContact, SyncError> {
         self.calls.lock().unwrap().push(format!("update {uuid}"));
         let mut contacts = self.contacts.lock().unwrap();
-        // An update does not restore an archived contact (as in RapidPro).
-        let archived = contacts.get(uuid).is_some_and(|c| c.2);
-        let entry = (draft.urns.clone(), Some(draft.global_id.clone()), archived);
+        // An update does not unblock a contact (as in RapidPro).
+        let blocked = contacts.get(uuid).is_some_and(|c| c.2);
+        let entry = (draft.urns.clone(), Some(draft.global_id.clone()), blocked);
         contacts.insert(uuid.to_string(), entry.clone());
         Ok(self.remote(uuid, &entry))
     }
-    async fn archive(&self, uuid: &str) -> Result<(), SyncError> {
-        self.calls.lock().unwrap().push(format!("archive {uuid}"));
+    async fn block(&self, uuid: &str) -> Result<(), SyncError> {
+        self.calls.lock().unwrap().push(format!("block {uuid}"));
         if let Some(c) = self.contacts.lock().unwrap().get_mut(uuid) {
             c.2 = true;
         }
         Ok(())
     }
-    async fn restore(&self, uuid: &str) -> Result<(), SyncError> {
-        self.calls.lock().unwrap().push(format!("restore {uuid}"));
+    async fn unblock(&self, uuid: &str) -> Result<(), SyncError> {
+        self.calls.lock().unwrap().push(format!("unblock {uuid}"));
         if let Some(c) = self.contacts.lock().unwrap().get_mut(uuid) {
             c.2 = false;
         }
@@ -170,7 +170,7 @@ async fn sync_creates_then_costs_nothing_then_follows_changes() {
         "old URN replaced, not added"
     );
 
-    // Deactivation archives the contact.
+    // Deactivation blocks the contact.
     let mut inactive = store.read("Practitioner", "a").await.unwrap().resource;
     inactive["active"] = json!(false);
     store
@@ -178,10 +178,10 @@ async fn sync_creates_then_costs_nothing_then_follows_changes() {
         .await
         .unwrap();
     let fourth = sync.run_once(false).await.unwrap();
-    assert_eq!(fourth.archived, 1, "{fourth:?}");
+    assert_eq!(fourth.blocked, 1, "{fourth:?}");
     assert!(
         directory.contacts.lock().unwrap()[&uuid_a].2,
-        "archived in RapidPro"
+        "blocked in RapidPro"
     );
 }
 
@@ -233,5 +233,43 @@ async fn a_urn_owned_by_someone_else_is_a_reported_conflict() {
             .as_deref(),
         Some("someone-else"),
         "not stolen"
+    );
+}
+
+#[tokio::test]
+async fn an_operators_block_is_never_undone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("fhir.sqlite"))
+        .await
+        .unwrap();
+    let mut p = person("kept", Some("0770123456"));
+    p["identifier"] =
+        json!([{ "system": "http://app.rapidpro.io/contact-uuid", "value": "op-blocked" }]);
+    store.update("Practitioner", "kept", p, None).await.unwrap();
+    let directory = FakeDirectory::default();
+    directory.contacts.lock().unwrap().insert(
+        "op-blocked".into(),
+        (vec!["tel:+231770123456".into()], Some("kept".into()), true),
+    );
+    let phones = PhoneNormalizer::new(Some("LR")).unwrap();
+    let sync = ContactSync {
+        store: &store,
+        directory: &directory,
+        phones: &phones,
+        page_size: 50,
+    };
+    let report = sync.run_once(false).await.unwrap();
+    assert_eq!(report.updated, 1, "{report:?}");
+    assert!(
+        directory.contacts.lock().unwrap()["op-blocked"].2,
+        "still blocked"
+    );
+    assert!(
+        !directory
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|c| c.starts_with("unblock"))
     );
 }

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
-use mhero::jobs::contact_writeback::{content_hash, pushed_hash, write_back};
+use mhero::jobs::contact_writeback::{WrittenBack, content_hash, pushed_hash, write_back};
 use mhero::pipeline::contact::draft;
 use mhero::pipeline::phone::PhoneNormalizer;
 use mhero::store::sqlite::SqliteStore;
@@ -93,9 +93,18 @@ async fn write_back_retries_after_a_concurrent_change_and_keeps_it() {
         &practitioner,
         &PhoneNormalizer::new(Some("LR")).unwrap(),
     ));
-    let wrote = write_back(&store, "Practitioner", "hw1", "5f5a0b0e-contact", &hash)
-        .await
-        .unwrap();
+    let wrote = write_back(
+        &store,
+        "Practitioner",
+        "hw1",
+        &WrittenBack {
+            uuid: "5f5a0b0e-contact",
+            hash: &hash,
+            blocked_by_connector: false,
+        },
+    )
+    .await
+    .unwrap();
     assert!(wrote);
 
     let stored = store.read("Practitioner", "hw1").await.unwrap();
@@ -120,9 +129,18 @@ async fn write_back_retries_after_a_concurrent_change_and_keeps_it() {
         Some(hash.as_str())
     );
 
-    let again = write_back(&store, "Practitioner", "hw1", "5f5a0b0e-contact", &hash)
-        .await
-        .unwrap();
+    let again = write_back(
+        &store,
+        "Practitioner",
+        "hw1",
+        &WrittenBack {
+            uuid: "5f5a0b0e-contact",
+            hash: &hash,
+            blocked_by_connector: false,
+        },
+    )
+    .await
+    .unwrap();
     assert!(!again, "writing the same UUID and hash again is a no-op");
     assert_eq!(
         store.read("Practitioner", "hw1").await.unwrap().version_id,
@@ -136,9 +154,18 @@ async fn write_back_to_a_missing_person_is_not_found() {
     let store = SqliteStore::open(&dir.path().join("fhir.sqlite"))
         .await
         .unwrap();
-    let err = write_back(&store, "Practitioner", "nobody", "u", "h")
-        .await
-        .unwrap_err();
+    let err = write_back(
+        &store,
+        "Practitioner",
+        "nobody",
+        &WrittenBack {
+            uuid: "u",
+            hash: "h",
+            blocked_by_connector: false,
+        },
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, StoreError::NotFound { .. }), "{err}");
 }
 

@@ -1,8 +1,10 @@
 //! RapidPro -> FHIR contact status: a contact that RapidPro reports as
 //! `stopped` or `blocked` (the person sent STOP, or an operator blocked
 //! them) gets the opt-out tag on its FHIR person; back to `active` removes
-//! it. `archived` says nothing about consent and changes nothing.
+//! it. `archived` says nothing about consent and changes nothing, and
+//! neither does a block the connector made itself (a deactivated person).
 
+use super::contact_writeback::blocked_by_connector;
 use crate::pipeline::contact::with_opt_out;
 use crate::store::{FhirStore, StoreResult, modify_resource};
 
@@ -26,6 +28,9 @@ pub async fn apply_status(
         return Ok(false);
     };
     let written = modify_resource(store, resource_type, id, |current| {
+        if status == "blocked" && blocked_by_connector(current) {
+            return None;
+        }
         with_opt_out(current, opted_out)
     })
     .await?;
@@ -79,5 +84,31 @@ mod tests {
         let read = store.read("Patient", "p").await.unwrap();
         assert!(read.resource["meta"].get("tag").is_none());
         assert_eq!(read.version_id, "3");
+    }
+
+    #[tokio::test]
+    async fn the_connectors_own_block_is_not_an_opt_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("fhir.sqlite"))
+            .await
+            .unwrap();
+        let person = json!({"resourceType": "Practitioner", "id": "p", "active": false, "identifier": [{
+            "system": crate::pipeline::contact::CONTACT_UUID_SYSTEM, "value": "u",
+            "extension": [{"url": crate::jobs::contact_writeback::BLOCKED_BY_CONNECTOR_URL, "valueBoolean": true}]}]});
+        store
+            .update("Practitioner", "p", person, None)
+            .await
+            .unwrap();
+        assert!(
+            !apply_status(&store, "Practitioner", "p", "blocked")
+                .await
+                .unwrap()
+        );
+        assert!(
+            apply_status(&store, "Practitioner", "p", "stopped")
+                .await
+                .unwrap(),
+            "a STOP is still the person's own"
+        );
     }
 }

@@ -7,7 +7,9 @@
 
 use async_trait::async_trait;
 
-use super::contact_writeback::{content_hash, pushed_hash, write_back};
+use super::contact_writeback::{
+    WrittenBack, blocked_by_connector, content_hash, pushed_hash, write_back,
+};
 use super::cursor::Cursor;
 use crate::pipeline::contact::{ContactDraft, PERSON_TYPES, draft};
 use crate::pipeline::phone::PhoneNormalizer;
@@ -20,8 +22,8 @@ pub struct RemoteContact {
     pub urns: Vec<String>,
     /// The `globalid` field: the FHIR id of the person it belongs to.
     pub global_id: Option<String>,
-    /// Archived in RapidPro (not messaged until restored).
-    pub archived: bool,
+    /// Blocked in RapidPro (RapidPro messages it never, and it is in no group).
+    pub blocked: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,11 +41,13 @@ pub trait ContactDirectory: Send + Sync {
     async fn find_by_urn(&self, urn: &str) -> Result<Option<RemoteContact>, SyncError>;
     async fn create(&self, draft: &ContactDraft) -> Result<RemoteContact, SyncError>;
     async fn update(&self, uuid: &str, draft: &ContactDraft) -> Result<RemoteContact, SyncError>;
-    /// The person is inactive: RapidPro archives the contact (not messaged,
-    /// history kept; restored when the person is active again).
-    async fn archive(&self, uuid: &str) -> Result<(), SyncError>;
-    /// The person is active again: the archived contact is restored.
-    async fn restore(&self, uuid: &str) -> Result<(), SyncError>;
+    /// The person is inactive: RapidPro's `block` contact action (the only
+    /// API status change that stops RapidPro itself, campaigns and triggers
+    /// included, from messaging a contact; it also leaves every group).
+    async fn block(&self, uuid: &str) -> Result<(), SyncError>;
+    /// The person is active again: `unblock` (group memberships come back
+    /// through the group sync).
+    async fn unblock(&self, uuid: &str) -> Result<(), SyncError>;
 }
 
 /// What happened to one person.
@@ -53,7 +57,8 @@ pub enum PersonOutcome {
     Unchanged,
     Created(String),
     Updated(String),
-    Archived(String),
+    /// Deactivated: the contact was blocked by the connector.
+    Blocked(String),
     /// No valid phone and no contact yet: nothing to create.
     NoPhone,
     /// A URN belongs to another person's contact: reported, not stolen.
@@ -67,7 +72,7 @@ pub struct SyncReport {
     pub unchanged: usize,
     pub created: usize,
     pub updated: usize,
-    pub archived: usize,
+    pub blocked: usize,
     pub no_phone: usize,
     pub conflicts: Vec<String>,
     pub failures: Vec<String>,
@@ -117,23 +122,43 @@ pub async fn sync_person(
             contact.entity_type, contact.global_id, remote.uuid
         )));
     }
+    let blocked_by_us = blocked_by_connector(resource);
     let outcome = match (existing, contact.inactive) {
         (Some(remote), true) => {
-            directory.archive(&remote.uuid).await?;
-            PersonOutcome::Archived(remote.uuid)
+            if !remote.blocked {
+                directory.block(&remote.uuid).await?;
+            }
+            PersonOutcome::Blocked(remote.uuid)
         }
         (None, true) => PersonOutcome::NoPhone,
         (Some(remote), false) => {
+            // Only a block the connector made is undone: an operator's block
+            // (or one RapidPro applied) stays.
+            if remote.blocked && blocked_by_us && !contact.opted_out {
+                directory.unblock(&remote.uuid).await?;
+            }
             PersonOutcome::Updated(directory.update(&remote.uuid, &contact).await?.uuid)
         }
         (None, false) if contact.urns.is_empty() => PersonOutcome::NoPhone,
         (None, false) => PersonOutcome::Created(directory.create(&contact).await?.uuid),
     };
-    if let PersonOutcome::Created(uuid)
-    | PersonOutcome::Updated(uuid)
-    | PersonOutcome::Archived(uuid) = &outcome
-    {
-        write_back(store, &contact.entity_type, &contact.global_id, uuid, &hash).await?;
+    let written = match &outcome {
+        PersonOutcome::Created(uuid) | PersonOutcome::Updated(uuid) => Some((uuid, false)),
+        PersonOutcome::Blocked(uuid) => Some((uuid, true)),
+        _ => None,
+    };
+    if let Some((uuid, blocked)) = written {
+        write_back(
+            store,
+            &contact.entity_type,
+            &contact.global_id,
+            &WrittenBack {
+                uuid,
+                hash: &hash,
+                blocked_by_connector: blocked,
+            },
+        )
+        .await?;
     }
     Ok(outcome)
 }
@@ -184,7 +209,7 @@ impl ContactSync<'_> {
                         Ok(PersonOutcome::Unchanged) => report.unchanged += 1,
                         Ok(PersonOutcome::Created(_)) => report.created += 1,
                         Ok(PersonOutcome::Updated(_)) => report.updated += 1,
-                        Ok(PersonOutcome::Archived(_)) => report.archived += 1,
+                        Ok(PersonOutcome::Blocked(_)) => report.blocked += 1,
                         Ok(PersonOutcome::NoPhone) => report.no_phone += 1,
                         Ok(PersonOutcome::Conflict(message)) => report.conflicts.push(message),
                         Err(e) => report.failures.push(format!("{}: {e}", person.reference())),

@@ -8,7 +8,7 @@
 //! only, following the server's own `next` links as opaque paging cursors,
 //! turning responses into `StoredResource`s and history entries, and the
 //! single mapping of HTTP statuses and OperationOutcomes to `StoreError`
-//! ([`HttpFhirStore::map_error`]).
+//! (`HttpFhirStore::map_error`).
 
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
