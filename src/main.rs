@@ -90,7 +90,11 @@ async fn main() -> ExitCode {
         Command::Serve => serve(settings).await,
         Command::Demo { data } => demo(settings, data).await,
         Command::RapidproSandbox { .. } => not_yet("rapidpro-sandbox"),
-        Command::Sync { .. } => not_yet("sync"),
+        Command::Sync {
+            what: SyncTarget::Contacts,
+            full,
+        } => sync_contacts(settings, full).await,
+        Command::Sync { .. } => not_yet("sync groups|flows|messages|runs|all"),
         Command::Reindex => not_yet("reindex"),
         Command::Import { files } => import(settings, files).await,
         Command::Check => check(settings).await,
@@ -169,6 +173,27 @@ async fn import(settings: Settings, files: Vec<PathBuf>) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
+    }
+}
+
+async fn sync_contacts(settings: Settings, full: bool) -> ExitCode {
+    match mhero::cli::sync::sync_contacts(&settings, full).await {
+        Ok(report) => {
+            print!("{report}");
+            if report.failures.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(mhero::cli::sync::SyncCommandError::Config(e)) => {
+            eprintln!("cannot sync: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("sync failed: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 

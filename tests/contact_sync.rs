@@ -122,6 +122,7 @@ async fn sync_creates_then_costs_nothing_then_follows_changes() {
         directory: &directory,
         phones: &phones,
         page_size: 2,
+        progress: indicatif::ProgressBar::hidden(),
     };
 
     let first = sync.run_once(false).await.unwrap();
@@ -215,6 +216,7 @@ async fn a_urn_owned_by_someone_else_is_a_reported_conflict() {
         directory: &directory,
         phones: &phones,
         page_size: 50,
+        progress: indicatif::ProgressBar::hidden(),
     };
     let report = sync.run_once(false).await.unwrap();
     assert_eq!(report.conflicts.len(), 1, "{report:?}");
@@ -257,6 +259,7 @@ async fn an_operators_block_is_never_undone() {
         directory: &directory,
         phones: &phones,
         page_size: 50,
+        progress: indicatif::ProgressBar::hidden(),
     };
     let report = sync.run_once(false).await.unwrap();
     assert_eq!(report.updated, 1, "{report:?}");

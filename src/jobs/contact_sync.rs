@@ -170,6 +170,8 @@ pub struct ContactSync<'a> {
     pub directory: &'a dyn ContactDirectory,
     pub phones: &'a PhoneNormalizer,
     pub page_size: usize,
+    /// Ticked once per person (hidden unless the caller shows it).
+    pub progress: indicatif::ProgressBar,
 }
 
 impl ContactSync<'_> {
@@ -203,6 +205,7 @@ impl ContactSync<'_> {
                     .await?;
                 for person in &page.matches {
                     report.examined += 1;
+                    self.progress.inc(1);
                     match sync_person(self.store, self.directory, self.phones, &person.resource)
                         .await
                     {

@@ -8,3 +8,4 @@ pub mod contact_status;
 pub mod contact_sync;
 pub mod contact_writeback;
 pub mod cursor;
+pub mod rapidpro_directory;

@@ -1,0 +1,90 @@
+//! `mhero sync contacts [--full]`: one FHIR -> RapidPro contact sync pass
+//! now, with a progress bar on a terminal and a summary.
+
+use std::io::IsTerminal;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::config::Settings;
+use crate::jobs::contact_sync::{ContactSync, SyncReport};
+use crate::jobs::rapidpro_directory::RapidProDirectory;
+use crate::pipeline::phone::PhoneNormalizer;
+use crate::rapidpro::client::RapidProClient;
+use crate::rapidpro::throttle::Throttle;
+use crate::store::open_store;
+
+/// Why a sync could not run at all.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncCommandError {
+    /// Bad or missing configuration (exit 2).
+    #[error("{0}")]
+    Config(String),
+    /// A backend failed (exit 1).
+    #[error("{0}")]
+    Runtime(String),
+}
+
+pub async fn sync_contacts(
+    settings: &Settings,
+    full: bool,
+) -> Result<SyncReport, SyncCommandError> {
+    let phones = PhoneNormalizer::new(settings.phone.default_country.as_deref())
+        .map_err(|e| SyncCommandError::Config(format!("phone.default_country: {e}")))?;
+    crate::install_tls_provider();
+    let client = RapidProClient::from_settings(
+        &settings.rapidpro,
+        Throttle::new(&settings.rapidpro.rate_per_hour),
+    )
+    .map_err(|e| SyncCommandError::Config(e.to_string()))?;
+    let directory = RapidProDirectory::new(client);
+    let store = open_store(&settings.fhir)
+        .await
+        .map_err(|e| SyncCommandError::Runtime(e.to_string()))?;
+    let progress = if std::io::stderr().is_terminal() {
+        ProgressBar::new_spinner()
+    } else {
+        ProgressBar::hidden()
+    };
+    progress.set_style(
+        ProgressStyle::with_template("{spinner} syncing contacts: {pos} people ({per_sec})")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    progress.enable_steady_tick(std::time::Duration::from_millis(120));
+    let sync = ContactSync {
+        store: store.as_ref(),
+        directory: &directory,
+        phones: &phones,
+        page_size: 100,
+        progress: progress.clone(),
+    };
+    let report = sync
+        .run_once(full)
+        .await
+        .map_err(|e| SyncCommandError::Runtime(e.to_string()));
+    progress.finish_and_clear();
+    report
+}
+
+impl std::fmt::Display for SyncReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "contacts: {} people examined: {} created, {} updated, {} unchanged, {} blocked (inactive), {} without a usable phone, {} conflicts, {} failed",
+            self.examined,
+            self.created,
+            self.updated,
+            self.unchanged,
+            self.blocked,
+            self.no_phone,
+            self.conflicts.len(),
+            self.failures.len()
+        )?;
+        for conflict in &self.conflicts {
+            writeln!(f, "  conflict: {conflict}")?;
+        }
+        for failure in &self.failures {
+            writeln!(f, "  failed: {failure}")?;
+        }
+        Ok(())
+    }
+}

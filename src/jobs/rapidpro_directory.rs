@@ -1,0 +1,165 @@
+//! `RapidProDirectory`: the contact sync's view of RapidPro
+//! ([`ContactDirectory`]) over the API v2 client. Creates the `globalid`
+//! and `mheroentitytype` contact fields on first use (once per process).
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use tokio::sync::OnceCell;
+
+use super::contact_sync::{ContactDirectory, RemoteContact, SyncError};
+use crate::pipeline::contact::ContactDraft;
+use crate::rapidpro::client::{ContactLookup, ContactQuery, RapidProClient, RapidProError};
+use crate::rapidpro::types::{
+    Contact, ContactAction, ContactActionRequest, ContactStatus, ContactWrite, FieldType,
+    FieldWrite,
+};
+
+/// The contact fields the connector owns.
+pub const GLOBAL_ID_FIELD: &str = "globalid";
+pub const ENTITY_TYPE_FIELD: &str = "mheroentitytype";
+
+pub struct RapidProDirectory {
+    client: RapidProClient,
+    fields_ready: OnceCell<()>,
+}
+
+fn rapidpro_error(error: RapidProError) -> SyncError {
+    // RapidPro's messages may quote URNs: keep whole phone numbers out.
+    SyncError::RapidPro(crate::telemetry::redact_phones(&error.to_string()))
+}
+
+fn remote(contact: Contact) -> RemoteContact {
+    RemoteContact {
+        global_id: contact.fields.get(GLOBAL_ID_FIELD).cloned().flatten(),
+        blocked: contact.status == Some(ContactStatus::Blocked),
+        uuid: contact.uuid,
+        urns: contact.urns,
+    }
+}
+
+fn contact_write(draft: &ContactDraft) -> ContactWrite {
+    let fields = BTreeMap::from([
+        (GLOBAL_ID_FIELD.to_string(), Some(draft.global_id.clone())),
+        (
+            ENTITY_TYPE_FIELD.to_string(),
+            Some(draft.entity_type.clone()),
+        ),
+    ]);
+    ContactWrite {
+        name: draft.name.clone(),
+        language: draft.language.clone(),
+        urns: Some(draft.urns.clone()),
+        groups: None,
+        fields: Some(fields),
+        note: None,
+    }
+}
+
+impl RapidProDirectory {
+    pub fn new(client: RapidProClient) -> Self {
+        RapidProDirectory {
+            client,
+            fields_ready: OnceCell::new(),
+        }
+    }
+
+    async fn ensure_fields(&self) -> Result<(), SyncError> {
+        self.fields_ready
+            .get_or_try_init(|| async {
+                for key in [GLOBAL_ID_FIELD, ENTITY_TYPE_FIELD] {
+                    let existing = self
+                        .client
+                        .fields(Some(key))
+                        .next()
+                        .await
+                        .transpose()
+                        .map_err(rapidpro_error)?;
+                    if existing.is_none() {
+                        let field = FieldWrite {
+                            name: key.to_string(),
+                            field_type: FieldType::Text,
+                        };
+                        self.client
+                            .create_field(&field)
+                            .await
+                            .map_err(rapidpro_error)?;
+                    }
+                }
+                Ok::<(), SyncError>(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn first(&self, query: ContactQuery) -> Result<Option<RemoteContact>, SyncError> {
+        let page = self
+            .client
+            .contacts_page(&query, None)
+            .await
+            .map_err(rapidpro_error)?;
+        Ok(page.results.into_iter().next().map(remote))
+    }
+
+    async fn action(&self, uuid: &str, action: ContactAction) -> Result<(), SyncError> {
+        let request = ContactActionRequest {
+            contacts: vec![uuid.to_string()],
+            action,
+            group: None,
+        };
+        self.client
+            .contact_actions(&request)
+            .await
+            .map_err(rapidpro_error)
+    }
+}
+
+#[async_trait]
+impl ContactDirectory for RapidProDirectory {
+    async fn find_by_uuid(&self, uuid: &str) -> Result<Option<RemoteContact>, SyncError> {
+        self.first(ContactQuery {
+            uuid: Some(uuid.to_string()),
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn find_by_urn(&self, urn: &str) -> Result<Option<RemoteContact>, SyncError> {
+        self.first(ContactQuery {
+            urn: Some(urn.to_string()),
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn create(&self, draft: &ContactDraft) -> Result<RemoteContact, SyncError> {
+        self.ensure_fields().await?;
+        self.client
+            .create_contact(&contact_write(draft))
+            .await
+            .map(remote)
+            .map_err(rapidpro_error)
+    }
+
+    async fn update(&self, uuid: &str, draft: &ContactDraft) -> Result<RemoteContact, SyncError> {
+        self.ensure_fields().await?;
+        let (_, contact) = self
+            .client
+            .update_contact(
+                &ContactLookup::Uuid(uuid.to_string()),
+                &contact_write(draft),
+            )
+            .await
+            .map_err(rapidpro_error)?;
+        Ok(remote(contact))
+    }
+
+    async fn block(&self, uuid: &str) -> Result<(), SyncError> {
+        self.action(uuid, ContactAction::Block).await
+    }
+
+    async fn unblock(&self, uuid: &str) -> Result<(), SyncError> {
+        self.action(uuid, ContactAction::Unblock).await
+    }
+}
