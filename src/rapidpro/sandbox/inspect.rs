@@ -1,0 +1,71 @@
+//! The inspection and control API under `/_sandbox/` (a path RapidPro does
+//! not use; no authentication, no throttling, not recorded): the call log,
+//! the state, reset and the knobs.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::{KnobsUpdate, Sandbox};
+
+pub async fn calls(State(sandbox): State<Sandbox>) -> Json<Value> {
+    Json(json!({ "calls": sandbox.calls() }))
+}
+
+pub async fn clear_calls(State(sandbox): State<Sandbox>) -> StatusCode {
+    sandbox.clear_calls();
+    StatusCode::NO_CONTENT
+}
+
+pub async fn state(State(sandbox): State<Sandbox>) -> Json<Value> {
+    Json(sandbox.state())
+}
+
+pub async fn reset(State(sandbox): State<Sandbox>) -> StatusCode {
+    sandbox.reset();
+    StatusCode::NO_CONTENT
+}
+
+pub async fn knobs(State(sandbox): State<Sandbox>) -> Json<Value> {
+    Json(json!(sandbox.knobs()))
+}
+
+pub async fn set_knobs(State(sandbox): State<Sandbox>, body: axum::body::Bytes) -> Response {
+    let update: KnobsUpdate = match serde_json::from_slice(&body) {
+        Ok(u) => u,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"detail": e.to_string()})),
+            )
+                .into_response();
+        }
+    };
+    match sandbox.set_knobs(update) {
+        Ok(knobs) => Json(json!(knobs)).into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, Json(json!({ "detail": e }))).into_response(),
+    }
+}
+
+/// `POST /_sandbox/contact_status` `{"contact": "<uuid>", "status": "stopped"}`.
+pub async fn contact_status(State(sandbox): State<Sandbox>, body: axum::body::Bytes) -> Response {
+    let parsed: Option<(String, String)> =
+        serde_json::from_slice::<Value>(&body).ok().and_then(|v| {
+            Some((
+                v.get("contact")?.as_str()?.to_string(),
+                v.get("status")?.as_str()?.to_string(),
+            ))
+        });
+    match parsed {
+        Some((contact, status)) if sandbox.set_contact_status(&contact, &status) => {
+            StatusCode::NO_CONTENT.into_response()
+        }
+        _ => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"detail": "expected {\"contact\": <uuid of a live contact>, \"status\": active|blocked|stopped|archived}"})),
+        )
+            .into_response(),
+    }
+}

@@ -1,0 +1,1047 @@
+//! The RapidPro sandbox over real HTTP: response shapes against the
+//! documented API v2 examples, auth and `.json` rules, cursor paging,
+//! contact/group/field/contact_action semantics, throttling, the error knob
+//! and the inspection API.
+
+use std::path::PathBuf;
+
+use mhero::rapidpro::sandbox::{KnobsUpdate, Rate, SandboxServer, SandboxSettings};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+struct Sb {
+    server: SandboxServer,
+    http: reqwest::Client,
+}
+
+impl Sb {
+    async fn start() -> Sb {
+        Sb::with(SandboxSettings::default()).await
+    }
+
+    async fn with(settings: SandboxSettings) -> Sb {
+        mhero::install_tls_provider();
+        let server = SandboxServer::start(settings)
+            .await
+            .expect("sandbox starts");
+        Sb {
+            server,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn url(&self, endpoint: &str) -> String {
+        self.server.api_url(endpoint)
+    }
+
+    fn auth(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        rb.header("Authorization", format!("Token {}", self.server.token()))
+    }
+
+    async fn get(&self, endpoint_and_query: &str) -> (StatusCode, Value) {
+        let url = format!("{}/api/v2/{endpoint_and_query}", self.server.base_url());
+        self.get_url(&url).await
+    }
+
+    async fn get_url(&self, url: &str) -> (StatusCode, Value) {
+        let response = self.auth(self.http.get(url)).send().await.expect("GET");
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn post(&self, endpoint_and_query: &str, body: Value) -> (StatusCode, Value) {
+        let url = format!("{}/api/v2/{endpoint_and_query}", self.server.base_url());
+        let response = self
+            .auth(self.http.post(url))
+            .json(&body)
+            .send()
+            .await
+            .expect("POST");
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn delete(&self, endpoint_and_query: &str) -> (StatusCode, String) {
+        let url = format!("{}/api/v2/{endpoint_and_query}", self.server.base_url());
+        let response = self
+            .auth(self.http.delete(url))
+            .send()
+            .await
+            .expect("DELETE");
+        let status = response.status();
+        (status, response.text().await.unwrap_or_default())
+    }
+
+    async fn create_contact(&self, body: Value) -> Value {
+        let (status, contact) = self.post("contacts.json", body).await;
+        assert_eq!(status, StatusCode::CREATED, "{contact}");
+        contact
+    }
+}
+
+fn fixture(name: &str) -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/fixtures/rapidpro")
+        .join(name);
+    let path = if path.exists() {
+        path
+    } else {
+        PathBuf::from("/work/shared/fixtures/rapidpro").join(name)
+    };
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path:?}: {e}"))
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "bool",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// Every key of the documented example is in ours with the same JSON kind
+/// (when both are non-null), recursively; `data_keys` are maps keyed by data
+/// (e.g. contact `fields`), whose own keys are not structure.
+fn assert_structure(doc: &Value, ours: &Value, at: &str, data_keys: &[&str]) {
+    match (doc, ours) {
+        (Value::Object(d), Value::Object(o)) => {
+            for (k, dv) in d {
+                let ov = o
+                    .get(k)
+                    .unwrap_or_else(|| panic!("{at}.{k} missing from {ours}"));
+                if data_keys.contains(&k.as_str()) {
+                    assert_eq!(kind(dv), kind(ov), "{at}.{k}");
+                    continue;
+                }
+                assert_structure(dv, ov, &format!("{at}.{k}"), data_keys);
+            }
+        }
+        (Value::Array(d), Value::Array(o)) => {
+            if let (Some(d0), Some(o0)) = (d.first(), o.first()) {
+                assert_structure(d0, o0, &format!("{at}[0]"), data_keys);
+            }
+        }
+        (Value::Null, _) | (_, Value::Null) => {}
+        (d, o) => assert_eq!(kind(d), kind(o), "{at}: doc {d} vs ours {o}"),
+    }
+}
+
+fn keys(v: &Value) -> Vec<String> {
+    v.as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn list_shapes_match_the_documented_examples() {
+    let sb = Sb::start().await;
+    for name in ["Nickname", "Side Kick"] {
+        let (s, _) = sb
+            .post("fields.json", json!({"name": name, "type": "text"}))
+            .await;
+        assert_eq!(s, StatusCode::CREATED);
+    }
+    let (s, group) = sb.post("groups.json", json!({"name": "Customers"})).await;
+    assert_eq!(s, StatusCode::CREATED);
+    sb.create_contact(json!({
+        "name": "Ben Haggerty", "language": "eng", "urns": ["tel:+250788123123"],
+        "groups": [group["uuid"]], "fields": {"nickname": "Macklemore", "side_kick": "Ryan Lewis"}
+    }))
+    .await;
+
+    let (s, contacts) = sb.get("contacts.json").await;
+    assert_eq!(s, StatusCode::OK);
+    let doc = fixture("api-v2-docs/contacts.get.response.1.json");
+    assert_eq!(keys(&contacts), keys(&doc), "envelope");
+    assert_structure(&doc, &contacts, "contacts", &["fields"]);
+    // The serializer's full key order (reference §5.1).
+    assert_eq!(
+        keys(&contacts["results"][0]),
+        [
+            "uuid",
+            "name",
+            "status",
+            "language",
+            "urns",
+            "groups",
+            "notes",
+            "fields",
+            "flow",
+            "created_on",
+            "modified_on",
+            "last_seen_on",
+            "blocked",
+            "stopped"
+        ]
+    );
+    assert_eq!(
+        contacts["results"][0]["fields"],
+        json!({"nickname": "Macklemore", "side_kick": "Ryan Lewis"})
+    );
+    let python = fixture("rapidpro-python/contacts.json");
+    assert_eq!(keys(&contacts), keys(&python));
+    for key in keys(&python["results"][0]) {
+        assert!(contacts["results"][0].get(&key).is_some(), "{key}");
+    }
+
+    let (_, groups) = sb.get("groups.json").await;
+    let doc = fixture("api-v2-docs/groups.get.response.1.repaired.json");
+    assert_structure(&doc, &groups, "groups", &[]);
+    assert_eq!(keys(&groups["results"][0]), keys(&doc["results"][0]));
+    assert_eq!(groups["results"][0]["count"], 1);
+
+    let (_, fields) = sb.get("fields.json").await;
+    let doc = fixture("api-v2-docs/fields.get.response.1.repaired.json");
+    assert_structure(&doc, &fields, "fields", &[]);
+    assert_eq!(fields["results"].as_array().map(Vec::len), Some(2));
+
+    let (s, workspace) = sb.get("workspace.json").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_structure(
+        &fixture("api-v2-docs/workspace.get.response.1.json"),
+        &workspace,
+        "workspace",
+        &[],
+    );
+    assert_eq!(workspace["country"], "RW");
+}
+
+#[tokio::test]
+async fn authentication_failures_are_403_with_the_exact_bodies() {
+    let sb = Sb::start().await;
+    let url = sb.url("contacts");
+    let cases = [
+        (None, "Authentication credentials were not provided."),
+        (Some("Token wrong-token".to_string()), "Invalid token"),
+        (
+            Some("Token".to_string()),
+            "Invalid token header. No credentials provided.",
+        ),
+        (
+            Some("Token a b".to_string()),
+            "Invalid token header. Token string should not contain spaces.",
+        ),
+        (
+            Some("Basic c2FuZGJveEBleGFtcGxlLmNvbTpub3Bl".to_string()),
+            "Invalid token or email",
+        ),
+    ];
+    for (header, detail) in cases {
+        let mut rb = sb.http.get(&url);
+        if let Some(h) = &header {
+            rb = rb.header("Authorization", h);
+        }
+        let response = rb.send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::FORBIDDEN, "{header:?}");
+        assert!(response.headers().get("www-authenticate").is_none());
+        assert_eq!(
+            response.json::<Value>().await.unwrap(),
+            json!({ "detail": detail })
+        );
+    }
+    // The keyword is case-insensitive; Basic email:token works too.
+    for header in [
+        "token sandbox-token".to_string(),
+        format!("Basic {}", base64_of("sandbox@example.com:sandbox-token")),
+    ] {
+        let response = sb
+            .http
+            .get(&url)
+            .header("Authorization", &header)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{header}");
+        assert_eq!(
+            response
+                .headers()
+                .get("x-temba-workspace")
+                .and_then(|v| v.to_str().ok()),
+            Some("6a44ca78-a4c2-4862-a7d3-2932f9b3a7c3")
+        );
+    }
+}
+
+fn base64_of(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+#[tokio::test]
+async fn json_suffix_method_and_unknown_endpoint_rules() {
+    let sb = Sb::start().await;
+    sb.create_contact(json!({"name": "A"})).await;
+    let base = sb.server.base_url().to_string();
+    let (s, body) = sb.get_url(&format!("{base}/api/v2/contacts")).await;
+    assert_eq!((s, body), (StatusCode::OK, json!([])));
+    let response = sb
+        .auth(sb.http.post(format!("{base}/api/v2/contacts")))
+        .json(&json!({"name": "B"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let response = sb
+        .auth(sb.http.put(sb.url("contacts")))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(
+        response.json::<Value>().await.unwrap(),
+        json!({"detail": "Method \"PUT\" not allowed."})
+    );
+    let (s, body) = sb.delete("fields.json?key=x").await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED, "{body}");
+    let (s, body) = sb.get("nothing_here.json").await;
+    assert_eq!(
+        (s, body),
+        (StatusCode::NOT_FOUND, json!({"detail": "Not found."}))
+    );
+    // Only the one contact from the POST with the suffix exists.
+    let (_, list) = sb.get("contacts.json").await;
+    assert_eq!(list["results"].as_array().map(Vec::len), Some(1));
+}
+
+#[tokio::test]
+async fn paging_over_600_contacts_gives_three_pages_and_every_contact_once() {
+    let sb = Sb::start().await;
+    let mut created = std::collections::HashSet::new();
+    for i in 0..600 {
+        let c = sb
+            .create_contact(
+                json!({"name": format!("C{i}"), "urns": [format!("tel:+2507880{i:05}")]}),
+            )
+            .await;
+        created.insert(c["uuid"].as_str().unwrap().to_string());
+    }
+    let mut seen = Vec::new();
+    let mut sizes = Vec::new();
+    let mut pages = Vec::new();
+    let mut url = sb.url("contacts");
+    loop {
+        let (s, page) = sb.get_url(&url).await;
+        assert_eq!(s, StatusCode::OK);
+        let results = page["results"].as_array().unwrap();
+        sizes.push(results.len());
+        seen.extend(
+            results
+                .iter()
+                .map(|c| c["uuid"].as_str().unwrap().to_string()),
+        );
+        pages.push(page.clone());
+        match page["next"].as_str() {
+            Some(next) => {
+                assert!(next.contains("cursor="), "{next}");
+                url = next.to_string();
+            }
+            None => break,
+        }
+    }
+    assert_eq!(sizes, [250, 250, 100]);
+    assert_eq!(seen.len(), 600);
+    assert_eq!(
+        seen.iter()
+            .cloned()
+            .collect::<std::collections::HashSet<_>>(),
+        created
+    );
+    assert!(pages[0]["previous"].is_null());
+    // Newest first: the last contact created leads the first page.
+    assert_eq!(pages[0]["results"][0]["name"], "C599");
+    // `previous` of the last page is the middle page again.
+    let (_, back) = sb.get_url(pages[2]["previous"].as_str().unwrap()).await;
+    assert_eq!(back["results"], pages[1]["results"]);
+    // An invalid cursor is a 404.
+    let (s, body) = sb.get("contacts.json?cursor=bm9wZQ%3D%3D").await;
+    assert_eq!(
+        (s, body),
+        (StatusCode::NOT_FOUND, json!({"detail": "Invalid cursor"}))
+    );
+}
+
+#[tokio::test]
+async fn create_returns_201_with_normalised_urns_groups_and_all_fields() {
+    let sb = Sb::start().await;
+    sb.post("fields.json", json!({"name": "Nickname", "type": "text"}))
+        .await;
+    sb.post("fields.json", json!({"name": "Age", "type": "number"}))
+        .await;
+    let (_, devs) = sb.post("groups.json", json!({"name": "Devs"})).await;
+    let contact = sb
+        .create_contact(json!({
+            "name": "Ben Haggerty",
+            "language": "eng",
+            "urns": ["tel:+250 (78) 812-3123", "whatsapp:250788123123", "mailto:Ben@Example.COM"],
+            "groups": ["devs"],
+            "fields": {"nickname": "Macklemore"}
+        }))
+        .await;
+    let doc = fixture("api-v2-docs/contacts.post.response.3.json");
+    assert_structure(&doc, &contact, "contact", &["fields"]);
+    assert_eq!(
+        contact["urns"],
+        json!([
+            "tel:+250788123123",
+            "whatsapp:250788123123",
+            "mailto:ben@example.com"
+        ])
+    );
+    assert_eq!(
+        contact["groups"],
+        json!([{"uuid": devs["uuid"], "name": "Devs"}])
+    );
+    assert_eq!(
+        contact["fields"],
+        json!({"nickname": "Macklemore", "age": null})
+    );
+    assert_eq!(contact["status"], "active");
+    let created_on = contact["created_on"].as_str().unwrap();
+    assert_eq!(
+        created_on.len(),
+        "2015-11-11T13:05:57.457742Z".len(),
+        "{created_on}"
+    );
+    assert!(created_on.ends_with('Z'));
+    // `{}` creates an empty contact.
+    let empty = sb.create_contact(json!({})).await;
+    assert_eq!(empty["urns"], json!([]));
+    assert!(empty["name"].is_null());
+}
+
+#[tokio::test]
+async fn a_urn_taken_by_another_contact_is_a_400_keyed_by_index() {
+    let sb = Sb::start().await;
+    sb.create_contact(json!({"urns": ["tel:+250788123123"]}))
+        .await;
+    let (s, body) = sb
+        .post(
+            "contacts.json",
+            json!({"name": "Dup", "urns": ["tel:+250788999999", "tel:0788123123"]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        body,
+        json!({"urns": {"1": ["URN is in use by another contact."]}})
+    );
+    let (_, list) = sb.get("contacts.json").await;
+    assert_eq!(list["results"].as_array().map(Vec::len), Some(1));
+}
+
+#[tokio::test]
+async fn invalid_urns_and_other_fields_give_one_400_with_every_error() {
+    let sb = Sb::start().await;
+    let (s, body) = sb
+        .post(
+            "contacts.json",
+            json!({
+                "language": "xx",
+                "urns": ["tel:+250788123123", "foo:bar", "1234556789"],
+                "groups": ["59686b4e-14bc-4160-9376-b649b218c806"],
+                "fields": {"hmmm": "x"}
+            }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        body,
+        json!({
+            "language": ["Ensure this field has at least 3 characters."],
+            "urns": {
+                "1": ["Invalid URN: foo:bar. Ensure phone numbers contain country codes."],
+                "2": ["Invalid URN: 1234556789. Ensure phone numbers contain country codes."]
+            },
+            "groups": ["No such object: 59686b4e-14bc-4160-9376-b649b218c806"],
+            "fields": ["Invalid contact field key: hmmm"]
+        })
+    );
+    let urns: Vec<String> = (0..101).map(|i| format!("tel:+25078800{i:04}")).collect();
+    let (s, body) = sb.post("contacts.json", json!({ "urns": urns })).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        body,
+        json!({"urns": ["Ensure this field has no more than 100 elements."]})
+    );
+    let (s, body) = sb
+        .post("contacts.json", json!(["not", "an", "object"]))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        body,
+        json!({"non_field_errors": ["Request body should be a single JSON object"]})
+    );
+}
+
+#[tokio::test]
+async fn update_by_urn_creates_then_updates_and_by_uuid_merges_fields() {
+    let sb = Sb::start().await;
+    sb.post("fields.json", json!({"name": "Nickname", "type": "text"}))
+        .await;
+    sb.post("fields.json", json!({"name": "District", "type": "text"}))
+        .await;
+    let (s, created) = sb
+        .post(
+            "contacts.json?urn=tel%3A%2B250788000001",
+            json!({"name": "Ann", "fields": {"nickname": "A"}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{created}");
+    assert_eq!(created["urns"], json!(["tel:+250788000001"]));
+    let (s, updated) = sb
+        .post(
+            "contacts.json?urn=tel%3A%2B250788000001",
+            json!({"fields": {"district": "Gasabo"}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(updated["uuid"], created["uuid"]);
+    assert_eq!(updated["name"], "Ann");
+    assert_eq!(
+        updated["fields"],
+        json!({"nickname": "A", "district": "Gasabo"})
+    );
+    assert!(updated["modified_on"].as_str() > created["modified_on"].as_str());
+    let (s, body) = sb
+        .post(
+            "contacts.json?urn=tel%3A%2B250788000001",
+            json!({"urns": ["tel:+250788000002"]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        body,
+        json!({"urns": ["Field not allowed when using URN in URL"]})
+    );
+
+    let uuid = created["uuid"].as_str().unwrap();
+    let (s, updated) = sb
+        .post(
+            &format!("contacts.json?uuid={uuid}"),
+            json!({"fields": {"nickname": null}, "note": "hi"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        updated["fields"],
+        json!({"nickname": null, "district": "Gasabo"})
+    );
+    assert_eq!(updated["notes"][0]["text"], "hi");
+    // On update a URN owned by someone else is silently dropped.
+    sb.create_contact(json!({"urns": ["tel:+250788000009"]}))
+        .await;
+    let (s, updated) = sb
+        .post(
+            &format!("contacts.json?uuid={uuid}"),
+            json!({"urns": ["tel:+250788000009", "tel:+250788000003"]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(updated["urns"], json!(["tel:+250788000003"]));
+
+    let (s, body) = sb
+        .post(
+            "contacts.json?uuid=09d23a05-47fe-11e4-bfe9-b8f6b119e9ab",
+            json!({"name": "X"}),
+        )
+        .await;
+    assert_eq!(
+        (s, body),
+        (StatusCode::NOT_FOUND, json!({"detail": "Not found."}))
+    );
+    let (s, body) = sb.post("contacts.json?uuid=xyz", json!({})).await;
+    assert_eq!(
+        (s, body),
+        (
+            StatusCode::BAD_REQUEST,
+            json!({"detail": "Param 'uuid': xyz is not a valid UUID."})
+        )
+    );
+    let (s, body) = sb
+        .post(&format!("contacts.json?uuid={uuid}&urn=tel:+1"), json!({}))
+        .await;
+    assert_eq!(
+        (s, body),
+        (
+            StatusCode::BAD_REQUEST,
+            json!({"detail": "URL can only contain one of the following parameters: urn, uuid"})
+        )
+    );
+}
+
+#[tokio::test]
+async fn delete_is_204_then_404_and_frees_the_urn() {
+    let sb = Sb::start().await;
+    let c = sb
+        .create_contact(json!({"name": "Gone", "urns": ["tel:+250788123123"]}))
+        .await;
+    let uuid = c["uuid"].as_str().unwrap();
+    let (s, body) = sb.delete(&format!("contacts.json?uuid={uuid}")).await;
+    assert_eq!((s, body.as_str()), (StatusCode::NO_CONTENT, ""));
+    let (s, _) = sb.delete(&format!("contacts.json?uuid={uuid}")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, body) = sb.delete("contacts.json").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"detail": "URL must contain one of the following parameters: urn, uuid"})
+    );
+    let (_, live) = sb.get("contacts.json").await;
+    assert_eq!(live["results"], json!([]));
+    let (_, deleted) = sb.get("contacts.json?deleted=true").await;
+    let d = &deleted["results"][0];
+    assert_eq!(d["uuid"], uuid);
+    assert!(d["name"].is_null() && d["status"].is_null() && d["blocked"].is_null());
+    assert_eq!(d["urns"], json!([]));
+    let (s, body) = sb
+        .post(
+            &format!("contacts.json?uuid={uuid}"),
+            json!({"name": "Back"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        body,
+        json!({"non_field_errors": ["Deleted contacts can't be modified."]})
+    );
+    sb.create_contact(json!({"urns": ["tel:+250788123123"]}))
+        .await;
+}
+
+#[tokio::test]
+async fn contact_actions_drive_group_membership_and_status() {
+    let sb = Sb::start().await;
+    let (s, testers) = sb.post("groups.json", json!({"name": "Testers"})).await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(
+        keys(&testers),
+        ["uuid", "name", "query", "status", "system", "count"]
+    );
+    let (s, body) = sb.post("groups.json", json!({"name": "TESTERS"})).await;
+    assert_eq!(
+        (s, body),
+        (
+            StatusCode::BAD_REQUEST,
+            json!({"name": ["This field must be unique."]})
+        )
+    );
+    let a = sb
+        .create_contact(json!({"name": "A", "urns": ["tel:+250783835665"]}))
+        .await;
+    let b = sb.create_contact(json!({"name": "B"})).await;
+    let (a_uuid, b_uuid) = (a["uuid"].as_str().unwrap(), b["uuid"].as_str().unwrap());
+
+    let (s, body) = sb
+        .post(
+            "contact_actions.json",
+            json!({"contacts": [b_uuid, "tel:+250783835665"], "action": "add", "group": "testers"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{body}");
+    let (_, members) = sb
+        .get(&format!(
+            "contacts.json?group={}",
+            testers["uuid"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(members["results"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        members["results"][0]["groups"],
+        json!([{"uuid": testers["uuid"], "name": "Testers"}])
+    );
+    let (_, groups) = sb.get("groups.json?name=testers").await;
+    assert_eq!(groups["results"][0]["count"], 2);
+
+    let (s, _) = sb
+        .post(
+            "contact_actions.json",
+            json!({"contacts": [b_uuid], "action": "remove", "group": testers["uuid"]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (_, bc) = sb.get(&format!("contacts.json?uuid={b_uuid}")).await;
+    assert_eq!(bc["results"][0]["groups"], json!([]));
+
+    let (s, _) = sb
+        .post(
+            "contact_actions.json",
+            json!({"contacts": [a_uuid], "action": "block"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (_, ac) = sb.get(&format!("contacts.json?uuid={a_uuid}")).await;
+    assert_eq!(ac["results"][0]["status"], "blocked");
+    assert_eq!(ac["results"][0]["blocked"], true);
+    assert_eq!(ac["results"][0]["groups"], json!([]));
+    let (s, body) = sb
+        .post(
+            "contact_actions.json",
+            json!({"contacts": [a_uuid], "action": "add", "group": "Testers"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        body,
+        json!({"non_field_errors": [format!("Non-active contacts cannot be added to groups: {a_uuid}")]})
+    );
+    let (s, _) = sb
+        .post(
+            "contact_actions.json",
+            json!({"contacts": [a_uuid], "action": "unblock"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (_, ac) = sb.get(&format!("contacts.json?uuid={a_uuid}")).await;
+    assert_eq!(ac["results"][0]["status"], "active");
+    assert_eq!(
+        ac["results"][0]["groups"],
+        json!([]),
+        "unblock does not restore groups"
+    );
+
+    for (body, want) in [
+        (
+            json!({"contacts": [a_uuid], "action": "add"}),
+            json!({"non_field_errors": ["For action \"add\" you should also specify a group"]}),
+        ),
+        (
+            json!({"contacts": [a_uuid], "action": "block", "group": "Testers"}),
+            json!({"non_field_errors": ["For action \"block\" you should not specify a group"]}),
+        ),
+        (
+            json!({"contacts": [], "action": "block"}),
+            json!({"contacts": ["Contacts can't be empty."]}),
+        ),
+        (
+            json!({"contacts": ["tel:+250700000000"], "action": "like"}),
+            json!({"contacts": ["No such object: tel:+250700000000"], "action": ["\"like\" is not a valid choice."]}),
+        ),
+    ] {
+        let (s, got) = sb.post("contact_actions.json", body).await;
+        assert_eq!((s, got), (StatusCode::BAD_REQUEST, want));
+    }
+    let many: Vec<String> = (0..101).map(|_| a_uuid.to_string()).collect();
+    let (s, body) = sb
+        .post(
+            "contact_actions.json",
+            json!({"contacts": many, "action": "block"}),
+        )
+        .await;
+    assert_eq!(
+        (s, body),
+        (
+            StatusCode::BAD_REQUEST,
+            json!({"contacts": ["Ensure this field has no more than 100 elements."]})
+        )
+    );
+
+    let (s, _) = sb
+        .post(
+            "contact_actions.json",
+            json!({"contacts": [a_uuid], "action": "delete"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (_, live) = sb.get("contacts.json").await;
+    assert_eq!(live["results"].as_array().map(Vec::len), Some(1));
+
+    let (s, _) = sb
+        .delete(&format!(
+            "groups.json?uuid={}",
+            testers["uuid"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (_, groups) = sb.get("groups.json").await;
+    assert_eq!(groups["results"], json!([]));
+}
+
+#[tokio::test]
+async fn fields_follow_the_key_and_name_rules() {
+    let sb = Sb::start().await;
+    let (s, f) = sb
+        .post("fields.json", json!({"name": "Nick name", "type": "text"}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_structure(
+        &fixture("api-v2-docs/fields.post.response.3.json"),
+        &f,
+        "field",
+        &[],
+    );
+    assert_eq!(
+        (f["key"].as_str(), f["type"].as_str()),
+        (Some("nick_name"), Some("text"))
+    );
+    let cases = [
+        (
+            json!({"name": "nick NAME", "type": "text"}),
+            json!({"name": ["This field must be unique."]}),
+        ),
+        (
+            json!({"name": "Bad!", "type": "text"}),
+            json!({"name": ["Can only contain letters, numbers and hypens."]}),
+        ),
+        (
+            json!({"name": "Has", "type": "text"}),
+            json!({"name": ["Generated key \"has\" is invalid or a reserved name."]}),
+        ),
+        (
+            json!({"name": "Age"}),
+            json!({"non_field_errors": ["Field 'type' is required."]}),
+        ),
+        (
+            json!({"name": "Age", "type": "int"}),
+            json!({"type": ["\"int\" is not a valid choice."]}),
+        ),
+    ];
+    for (body, want) in cases {
+        let (s, got) = sb.post("fields.json", body.clone()).await;
+        assert_eq!((s, got), (StatusCode::BAD_REQUEST, want), "{body}");
+    }
+    let (s, f) = sb
+        .post(
+            "fields.json?key=nick_name",
+            json!({"name": "Nickname", "type": "number"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        (f["name"].as_str(), f["value_type"].as_str()),
+        (Some("Nickname"), Some("numeric"))
+    );
+    let (_, list) = sb.get("fields.json?key=nick_name").await;
+    assert_eq!(list["results"].as_array().map(Vec::len), Some(1));
+}
+
+#[tokio::test]
+async fn the_sixth_call_in_a_scope_is_throttled_with_retry_after() {
+    let sb = Sb::with(SandboxSettings::default().with_throttle_rate(Rate::per_hour(5))).await;
+    // Rejected (403) requests do not count.
+    let response = sb.http.get(sb.url("contacts")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    for _ in 0..5 {
+        let (s, _) = sb.get("contacts.json").await;
+        assert_eq!(s, StatusCode::OK);
+    }
+    let response = sb
+        .auth(sb.http.get(sb.url("contacts")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((3590..=3600).contains(&retry), "{retry}");
+    assert_eq!(
+        response.json::<Value>().await.unwrap(),
+        json!({"detail": format!("Request was throttled. Expected available in {retry} seconds.")})
+    );
+    // Another scope has its own bucket.
+    let (s, _) = sb.get("groups.json").await;
+    assert_eq!(s, StatusCode::OK);
+    // Lowering a rate below the history: throttled without Retry-After.
+    sb.server
+        .sandbox()
+        .set_throttle_rate("v2.contacts", Rate::per_hour(2));
+    let response = sb
+        .auth(sb.http.get(sb.url("contacts")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(response.headers().get("retry-after").is_none());
+    assert_eq!(
+        response.json::<Value>().await.unwrap(),
+        json!({"detail": "Request was throttled."})
+    );
+}
+
+#[tokio::test]
+async fn error_rate_one_answers_500_plain_text_until_turned_off() {
+    let sb = Sb::start().await;
+    sb.server.sandbox().set_error_rate(1.0);
+    let response = sb
+        .auth(sb.http.get(sb.url("contacts")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    assert_eq!(
+        response.text().await.unwrap(),
+        "Server Error. Site administrators have been notified."
+    );
+    let knobs: Value = sb
+        .http
+        .post(format!("{}/_sandbox/knobs", sb.server.base_url()))
+        .json(&json!({"error_rate": 0.0, "throttle": {"v2": "7/min"}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(knobs["error_rate"], 0.0);
+    assert_eq!(knobs["throttle"]["v2"], "7/minute");
+    let (s, _) = sb.get("contacts.json").await;
+    assert_eq!(s, StatusCode::OK);
+    let response = sb
+        .http
+        .post(format!("{}/_sandbox/knobs", sb.server.base_url()))
+        .json(&json!({"error_rate": 2.0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let knobs = sb
+        .server
+        .sandbox()
+        .set_knobs(KnobsUpdate {
+            latency_ms: Some(5),
+            ..KnobsUpdate::default()
+        })
+        .unwrap();
+    assert_eq!(knobs.latency_ms, 5);
+    assert_eq!(knobs.error_rate, 0.0);
+}
+
+#[tokio::test]
+async fn the_inspection_api_records_calls_and_shows_and_resets_state() {
+    let sb = Sb::start().await;
+    sb.create_contact(json!({"name": "Inspected", "urns": ["tel:+250788123123"]}))
+        .await;
+    let (s, _) = sb.get("contacts.json?urn=tel%3A%2B250788123123").await;
+    assert_eq!(s, StatusCode::OK);
+    let unauthenticated = sb.http.get(sb.url("groups")).send().await.unwrap();
+    assert_eq!(unauthenticated.status(), StatusCode::FORBIDDEN);
+
+    let calls: Value = sb
+        .http
+        .get(format!("{}/_sandbox/calls", sb.server.base_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let calls = calls["calls"].as_array().unwrap().clone();
+    assert_eq!(calls.len(), 3);
+    assert_eq!(calls[0]["method"], "POST");
+    assert_eq!(calls[0]["path"], "/api/v2/contacts.json");
+    assert_eq!(calls[0]["body"]["name"], "Inspected");
+    assert_eq!(calls[0]["status"], 201);
+    assert_eq!(calls[1]["query"], "urn=tel%3A%2B250788123123");
+    assert_eq!(calls[2]["status"], 403);
+    assert!(calls[2]["time"].as_str().unwrap().ends_with('Z'));
+    let records = sb.server.sandbox().calls();
+    assert_eq!(records.len(), 3);
+    assert_eq!(records[1].status, 200);
+
+    let state: Value = sb
+        .http
+        .get(format!("{}/_sandbox/state", sb.server.base_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(state["contacts"][0]["name"], "Inspected");
+    assert_eq!(state, sb.server.sandbox().state());
+
+    let response = sb
+        .http
+        .post(format!("{}/_sandbox/reset", sb.server.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert_eq!(sb.server.sandbox().state()["contacts"], json!([]));
+    assert!(sb.server.sandbox().calls().is_empty());
+}
+
+#[tokio::test]
+async fn list_filters_and_statuses() {
+    let sb = Sb::start().await;
+    let (_, g) = sb.post("groups.json", json!({"name": "Nurses"})).await;
+    let a = sb
+        .create_contact(json!({"name": "A", "urns": ["tel:+250788000001"], "groups": ["Nurses"]}))
+        .await;
+    let b = sb
+        .create_contact(json!({"name": "B", "urns": ["tel:0788000002"]}))
+        .await;
+    let (_, by_urn) = sb.get("contacts.json?urn=tel%3A0788000002").await;
+    assert_eq!(by_urn["results"][0]["uuid"], b["uuid"]);
+    let (s, body) = sb.get("contacts.json?urn=12345").await;
+    assert_eq!(
+        (s, body),
+        (
+            StatusCode::BAD_REQUEST,
+            json!({"detail": "Invalid URN: 12345"})
+        )
+    );
+    let (_, unknown_group) = sb.get("contacts.json?group=Nobody").await;
+    assert_eq!(unknown_group["results"], json!([]));
+    let (_, bad_date) = sb.get("contacts.json?after=yesterday").await;
+    assert_eq!(bad_date["results"], json!([]));
+    let since = b["modified_on"].as_str().unwrap();
+    let (_, after) = sb.get(&format!("contacts.json?after={since}")).await;
+    assert_eq!(
+        after["results"].as_array().map(Vec::len),
+        Some(1),
+        "after is inclusive"
+    );
+    let (_, before) = sb.get(&format!("contacts.json?before={since}")).await;
+    assert_eq!(
+        before["results"].as_array().map(Vec::len),
+        Some(2),
+        "before is inclusive"
+    );
+    let (_, reversed) = sb.get("contacts.json?reverse=true").await;
+    assert_eq!(reversed["results"][0]["uuid"], a["uuid"]);
+
+    // Stopping (only possible outside the API) lists the contact, empties its groups.
+    assert!(
+        sb.server
+            .sandbox()
+            .set_contact_status(a["uuid"].as_str().unwrap(), "stopped")
+    );
+    let (_, list) = sb
+        .get(&format!(
+            "contacts.json?uuid={}",
+            a["uuid"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(list["results"][0]["status"], "stopped");
+    assert_eq!(list["results"][0]["stopped"], true);
+    assert_eq!(list["results"][0]["groups"], json!([]));
+    let (_, groups) = sb
+        .get(&format!("groups.json?uuid={}", g["uuid"].as_str().unwrap()))
+        .await;
+    assert_eq!(groups["results"][0]["count"], 0);
+    assert!(!sb.server.sandbox().set_contact_status("nope", "stopped"));
+}
+
+#[tokio::test]
+async fn the_server_shuts_down_on_request() {
+    let sb = Sb::start().await;
+    let url = sb.url("workspace");
+    let (s, _) = sb.get("workspace.json").await;
+    assert_eq!(s, StatusCode::OK);
+    sb.server.shutdown().await.expect("clean shutdown");
+    assert!(sb.http.get(url).send().await.is_err());
+}
