@@ -51,6 +51,9 @@ enum Command {
         /// Fraction of API requests answered 500 (0.0 to 1.0).
         #[arg(long, default_value_t = 0.0)]
         error_rate: f64,
+        /// RapidPro flow export (spec 13) to serve from flows.json (repeatable).
+        #[arg(long)]
+        flows: Vec<PathBuf>,
     },
     /// One sync pass now.
     Sync {
@@ -108,7 +111,18 @@ async fn main() -> ExitCode {
             throttle_rate,
             latency_ms,
             error_rate,
-        } => rapidpro_sandbox(listen, token, throttle_rate, latency_ms, error_rate).await,
+            flows,
+        } => {
+            let options = SandboxOptions {
+                listen,
+                tokens: token,
+                throttle_rate,
+                latency_ms,
+                error_rate,
+                flows,
+            };
+            rapidpro_sandbox(options).await
+        }
         Command::Sync { .. } => not_yet("sync"),
         Command::Reindex => not_yet("reindex"),
         Command::Import { files } => import(settings, files).await,
@@ -174,14 +188,40 @@ async fn demo(mut settings: Settings, data: PathBuf) -> ExitCode {
     }
 }
 
-async fn rapidpro_sandbox(
+struct SandboxOptions {
     listen: String,
     tokens: Vec<String>,
     throttle_rate: String,
     latency_ms: u64,
     error_rate: f64,
-) -> ExitCode {
+    flows: Vec<PathBuf>,
+}
+
+async fn rapidpro_sandbox(options: SandboxOptions) -> ExitCode {
     use mhero::rapidpro::sandbox::{Rate, SandboxServer, SandboxSettings};
+    let SandboxOptions {
+        listen,
+        tokens,
+        throttle_rate,
+        latency_ms,
+        error_rate,
+        flows,
+    } = options;
+    let mut exports = Vec::new();
+    for path in &flows {
+        let parsed = std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|text| {
+                serde_json::from_str::<serde_json::Value>(&text).map_err(|e| e.to_string())
+            });
+        match parsed {
+            Ok(export) => exports.push((path, export)),
+            Err(e) => {
+                eprintln!("--flows {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
     let Ok(listen) = listen.parse() else {
         eprintln!("--listen {listen:?} is not an address like 127.0.0.1:8090");
         return ExitCode::from(2);
@@ -214,6 +254,12 @@ async fn rapidpro_sandbox(
             return ExitCode::from(1);
         }
     };
+    for (path, export) in &exports {
+        if let Err(e) = server.sandbox().load_flow_export(export) {
+            eprintln!("--flows {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    }
     let _ = writeln!(
         std::io::stdout(),
         "RapidPro API v2 sandbox listening on {base}/api/v2/\n  token: {token}\n  try: curl -H 'Authorization: Token {token}' {base}/api/v2/workspace.json\n  inspection: {base}/_sandbox/calls, /_sandbox/state, /_sandbox/knobs, POST /_sandbox/reset",

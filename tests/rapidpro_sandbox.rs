@@ -238,6 +238,7 @@ async fn authentication_failures_are_403_with_the_exact_bodies() {
         let response = rb.send().await.unwrap();
         assert_eq!(response.status(), StatusCode::FORBIDDEN, "{header:?}");
         assert!(response.headers().get("www-authenticate").is_none());
+        assert!(response.headers().get("x-temba-workspace").is_none());
         assert_eq!(
             response.json::<Value>().await.unwrap(),
             json!({ "detail": detail })
@@ -1044,4 +1045,141 @@ async fn the_server_shuts_down_on_request() {
     assert_eq!(s, StatusCode::OK);
     sb.server.shutdown().await.expect("clean shutdown");
     assert!(sb.http.get(url).send().await.is_err());
+}
+
+#[tokio::test]
+async fn flows_come_from_flow_exports() {
+    let sb = Sb::start().await;
+    let uuids = sb
+        .server
+        .sandbox()
+        .load_flow_export(&fixture("flows/color_v13.json"))
+        .unwrap();
+    assert_eq!(uuids, ["ca45c8dd-d882-4f56-8522-1cdda67fd5b5"]);
+    sb.server
+        .sandbox()
+        .load_flow_export(&fixture("flows/send_only_v13.json"))
+        .unwrap();
+    let legacy = sb
+        .server
+        .sandbox()
+        .load_flow_export(&fixture("flows/sms_form.json"));
+    assert!(legacy.unwrap_err().contains("legacy"));
+
+    let (s, flows) = sb.get("flows.json").await;
+    assert_eq!(s, StatusCode::OK);
+    let doc = fixture("api-v2-docs/flows.get.response.1.repaired.json");
+    assert_structure(&doc, &flows, "flows", &[]);
+    assert_eq!(flows["results"].as_array().map(Vec::len), Some(2));
+    let (_, colors) = sb
+        .get("flows.json?uuid=ca45c8dd-d882-4f56-8522-1cdda67fd5b5")
+        .await;
+    let colors = &colors["results"][0];
+    assert_eq!(colors["name"], "Colors");
+    assert_eq!(colors["type"], "message");
+    assert_eq!(colors["expires"], 720);
+    assert_eq!(
+        colors["results"],
+        json!([{"key": "color", "name": "Color", "categories": ["Orange", "Blue", "Other", "Nothing"],
+                "node_uuids": ["9a4dca3c-5381-4f0d-8e20-dac3b1e962a2"]}])
+    );
+    assert_eq!(
+        keys(&colors["runs"]),
+        [
+            "active",
+            "waiting",
+            "completed",
+            "interrupted",
+            "expired",
+            "failed"
+        ]
+    );
+    let (_, none) = sb.get("flows.json?type=voice").await;
+    assert_eq!(none["results"], json!([]));
+}
+
+#[tokio::test]
+async fn the_rapidpro_sandbox_command_serves_with_its_flags() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let flows = PathBuf::from("/work/shared/fixtures/rapidpro/flows/color_v13.json");
+    let flows = if flows.exists() {
+        flows
+    } else {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/fixtures/rapidpro/flows/color_v13.json")
+    };
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mhero"))
+        .args([
+            "rapidpro-sandbox",
+            "--listen",
+            "127.0.0.1:0",
+            "--token",
+            "cli-token",
+            "--flows",
+        ])
+        .arg(&flows)
+        .env_remove("MHERO_CONFIG")
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let banner = lines.next().and_then(Result::ok).unwrap_or_default();
+    let token_line = lines.next().and_then(Result::ok).unwrap_or_default();
+    let base = banner
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .map(|w| w.trim_end_matches("/api/v2/").to_string());
+    let result = async {
+        let base = base.ok_or(format!("no URL in {banner:?}"))?;
+        if !token_line.contains("cli-token") {
+            return Err(format!("token not printed: {token_line:?}"));
+        }
+        mhero::install_tls_provider();
+        let http = reqwest::Client::new();
+        let flows: Value = http
+            .get(format!("{base}/api/v2/flows.json"))
+            .header("Authorization", "Token cli-token")
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        let refused = http
+            .get(format!("{base}/api/v2/flows.json"))
+            .header("Authorization", "Token sandbox-token")
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .status();
+        Ok::<_, String>((flows, refused))
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let (flows, refused) = result.unwrap();
+    assert_eq!(flows["results"][0]["name"], "Colors");
+    assert_eq!(
+        refused,
+        StatusCode::FORBIDDEN,
+        "only the given token is accepted"
+    );
+
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_mhero"))
+        .args([
+            "rapidpro-sandbox",
+            "--listen",
+            "127.0.0.1:0",
+            "--throttle-rate",
+            "lots",
+        ])
+        .env_remove("MHERO_CONFIG")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
 }

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 
 use super::Sandbox;
 use super::state::{CallRecord, Inner, format_dt};
-use super::{actions, contacts, groups, inspect};
+use super::{actions, contacts, flows, groups, inspect};
 
 pub fn router(sandbox: Sandbox) -> Router {
     Router::new()
@@ -182,6 +182,11 @@ const ENDPOINTS: &[Endpoint] = &[
         methods: &[Method::GET, Method::POST],
     },
     Endpoint {
+        name: "flows",
+        scope: "v2",
+        methods: &[Method::GET],
+    },
+    Endpoint {
         name: "workspace",
         scope: "v2",
         methods: &[Method::GET],
@@ -220,13 +225,9 @@ async fn entry(
         body,
         origin: format!("http://{host}"),
     };
-    let (latency, error_rate, workspace) = {
+    let (latency, error_rate) = {
         let inner = sandbox.lock();
-        (
-            inner.latency,
-            inner.error_rate,
-            inner.settings.workspace.uuid.clone(),
-        )
+        (inner.latency, inner.error_rate)
     };
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -252,10 +253,10 @@ async fn entry(
         time: format_dt(&time),
     });
     drop(inner);
-    into_response(reply, &workspace)
+    into_response(reply)
 }
 
-fn into_response(reply: Reply, workspace: &str) -> Response {
+fn into_response(reply: Reply) -> Response {
     let (content_type, body) = match reply.body {
         ReplyBody::Json(v) => ("application/json", Body::from(v.to_string())),
         ReplyBody::Text(t) => ("text/plain; charset=utf-8", Body::from(t)),
@@ -266,11 +267,6 @@ fn into_response(reply: Reply, workspace: &str) -> Response {
     let h = response.headers_mut();
     if reply.status != StatusCode::NO_CONTENT {
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    }
-    if reply.status != StatusCode::INTERNAL_SERVER_ERROR
-        && let Ok(v) = HeaderValue::from_str(workspace)
-    {
-        h.insert("x-temba-workspace", v);
     }
     for (name, value) in reply.headers {
         if let Ok(v) = HeaderValue::from_str(&value) {
@@ -404,6 +400,17 @@ fn handle(inner: &mut Inner, req: &Req, headers: &HeaderMap) -> Reply {
             "Authentication credentials were not provided.",
         );
     }
+    // Every authenticated response names the workspace.
+    let workspace = inner.settings.workspace.uuid.clone();
+    let mut reply = authenticated(inner, req, endpoint);
+    reply.headers.push((
+        header::HeaderName::from_static("x-temba-workspace"),
+        workspace,
+    ));
+    reply
+}
+
+fn authenticated(inner: &mut Inner, req: &Req, endpoint: Endpoint) -> Reply {
     if let Err(reply) = throttle(inner, endpoint.scope) {
         return reply;
     }
@@ -423,6 +430,7 @@ fn handle(inner: &mut Inner, req: &Req, headers: &HeaderMap) -> Reply {
         ("groups", &Method::DELETE) => groups::delete_group(inner, req),
         ("fields", &Method::GET) => groups::list_fields(inner, req),
         ("fields", &Method::POST) => groups::write_field(inner, req),
+        ("flows", _) => flows::list(inner, req),
         ("workspace", _) => Ok(groups::workspace(inner)),
         _ => Err(Reply::server_error()),
     };

@@ -12,11 +12,12 @@
 //!   throttling, error injection, call recording) and cursor pagination.
 //! - `urn`: URN normalisation and validation.
 //! - `contacts`, `groups` (groups, fields, workspace), `actions`
-//!   (contact_actions): the endpoints.
+//!   (contact_actions), `flows` (flow exports, flows): the endpoints.
 //! - `inspect`: the `/_sandbox/*` inspection and control API.
 
 mod actions;
 mod contacts;
+mod flows;
 mod groups;
 mod http;
 mod inspect;
@@ -224,6 +225,12 @@ impl Sandbox {
         self.lock().calls.clone()
     }
 
+    /// Loads the flows of a RapidPro flow export (spec 13) for `GET flows.json`;
+    /// returns their UUIDs. Legacy exports are refused.
+    pub fn load_flow_export(&self, export: &Value) -> Result<Vec<String>, String> {
+        flows::load_export(&mut self.lock(), export)
+    }
+
     /// Forgets the recorded calls.
     pub fn clear_calls(&self) {
         self.lock().calls.clear();
@@ -235,7 +242,8 @@ impl Sandbox {
         self.lock().state_json()
     }
 
-    /// Empties the workspace, the call log and the throttle history; knobs are kept.
+    /// Empties the workspace, the call log and the throttle history; knobs
+    /// and loaded flows are kept.
     pub fn reset(&self) {
         self.lock().reset();
     }

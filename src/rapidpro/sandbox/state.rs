@@ -104,6 +104,8 @@ pub struct Inner {
     pub contacts: Vec<Contact>,
     pub groups: Vec<Group>,
     pub fields: Vec<Field>,
+    /// Loaded from flow exports; kept by `reset`.
+    pub flows: Vec<super::flows::Flow>,
     pub calls: Vec<CallRecord>,
     pub throttle_log: HashMap<String, VecDeque<Instant>>,
     pub rates: BTreeMap<String, Rate>,
@@ -137,6 +139,7 @@ impl Inner {
             contacts: Vec::new(),
             groups: Vec::new(),
             fields: Vec::new(),
+            flows: Vec::new(),
             calls: Vec::new(),
             throttle_log: HashMap::new(),
             rates,
@@ -330,6 +333,7 @@ impl Inner {
             }).collect::<Vec<_>>(),
             "groups": self.groups.iter().map(|g| self.group_json(g)).collect::<Vec<_>>(),
             "fields": self.fields.iter().map(Inner::field_json).collect::<Vec<_>>(),
+            "flows": self.flows.iter().map(super::flows::flow_json).collect::<Vec<_>>(),
         })
     }
 
