@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 
 use super::Sandbox;
 use super::state::{CallRecord, Inner, format_dt};
-use super::{actions, contacts, flows, groups, inspect};
+use super::{actions, broadcasts, contacts, flows, groups, inspect};
 
 pub fn router(sandbox: Sandbox) -> Router {
     Router::new()
@@ -34,6 +34,8 @@ pub fn router(sandbox: Sandbox) -> Router {
             get(inspect::knobs).post(inspect::set_knobs),
         )
         .route("/_sandbox/contact_status", post(inspect::contact_status))
+        .route("/_sandbox/tick", post(inspect::tick))
+        .route("/_sandbox/inbound", post(inspect::inbound))
         .fallback(entry)
         .with_state(sandbox)
 }
@@ -180,6 +182,16 @@ const ENDPOINTS: &[Endpoint] = &[
         name: "fields",
         scope: "v2",
         methods: &[Method::GET, Method::POST],
+    },
+    Endpoint {
+        name: "broadcasts",
+        scope: "v2",
+        methods: &[Method::GET, Method::POST],
+    },
+    Endpoint {
+        name: "messages",
+        scope: "v2.messages",
+        methods: &[Method::GET],
     },
     Endpoint {
         name: "flows",
@@ -431,6 +443,9 @@ fn authenticated(inner: &mut Inner, req: &Req, endpoint: Endpoint) -> Reply {
         ("fields", &Method::GET) => groups::list_fields(inner, req),
         ("fields", &Method::POST) => groups::write_field(inner, req),
         ("flows", _) => flows::list(inner, req),
+        ("broadcasts", &Method::GET) => broadcasts::list_broadcasts(inner, req),
+        ("broadcasts", &Method::POST) => broadcasts::create(inner, req),
+        ("messages", _) => broadcasts::list_messages(inner, req),
         ("workspace", _) => Ok(groups::workspace(inner)),
         _ => Err(Reply::server_error()),
     };

@@ -69,3 +69,34 @@ pub async fn contact_status(State(sandbox): State<Sandbox>, body: axum::body::By
             .into_response(),
     }
 }
+
+/// `POST /_sandbox/tick`: processes pending broadcasts; `{"processed": n}`.
+pub async fn tick(State(sandbox): State<Sandbox>) -> Json<Value> {
+    Json(json!({ "processed": sandbox.process_broadcasts() }))
+}
+
+/// `POST /_sandbox/inbound` `{"urn": "tel:+250...", "text": "STOP"}`: an
+/// inbound message; `{"contact": "<uuid>"}`.
+pub async fn inbound(State(sandbox): State<Sandbox>, body: axum::body::Bytes) -> Response {
+    let parsed: Option<(String, String)> =
+        serde_json::from_slice::<Value>(&body).ok().and_then(|v| {
+            Some((
+                v.get("urn")?.as_str()?.to_string(),
+                v.get("text")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+            ))
+        });
+    let Some((urn, text)) = parsed else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"detail": "expected {\"urn\": <urn>, \"text\": <text>}"})),
+        )
+            .into_response();
+    };
+    match sandbox.receive_message(&urn, &text) {
+        Ok(contact) => Json(json!({ "contact": contact })).into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, Json(json!({ "detail": e }))).into_response(),
+    }
+}

@@ -12,10 +12,12 @@
 //!   throttling, error injection, call recording) and cursor pagination.
 //! - `urn`: URN normalisation and validation.
 //! - `contacts`, `groups` (groups, fields, workspace), `actions`
-//!   (contact_actions), `flows` (flow exports, flows): the endpoints.
+//!   (contact_actions), `flows` (flow exports, flows), `broadcasts`
+//!   (broadcasts, messages, their processing and inbound messages): the endpoints.
 //! - `inspect`: the `/_sandbox/*` inspection and control API.
 
 mod actions;
+mod broadcasts;
 mod contacts;
 mod flows;
 mod groups;
@@ -231,13 +233,27 @@ impl Sandbox {
         flows::load_export(&mut self.lock(), export)
     }
 
+    /// Does what mailroom does after broadcast POSTs: every `pending`
+    /// broadcast gets one outgoing message per recipient and becomes
+    /// `completed` (`POST /_sandbox/tick`). Returns how many were processed.
+    pub fn process_broadcasts(&self) -> usize {
+        broadcasts::process_pending(&mut self.lock())
+    }
+
+    /// Simulates an inbound message from `urn` (creating the contact when
+    /// unknown; a stopped contact becomes active). Returns the contact UUID.
+    pub fn receive_message(&self, urn: &str, text: &str) -> Result<String, String> {
+        broadcasts::receive(&mut self.lock(), urn, text)
+    }
+
     /// Forgets the recorded calls.
     pub fn clear_calls(&self) {
         self.lock().calls.clear();
     }
 
-    /// Contacts (including deleted ones), groups and fields as JSON, in the
-    /// API's read shapes (`/_sandbox/state`).
+    /// Contacts (including deleted ones, marked `"deleted": true`), groups,
+    /// fields, flows, broadcasts and messages as JSON, in the API's read
+    /// shapes (`/_sandbox/state`).
     pub fn state(&self) -> Value {
         self.lock().state_json()
     }

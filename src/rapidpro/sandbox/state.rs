@@ -106,6 +106,8 @@ pub struct Inner {
     pub fields: Vec<Field>,
     /// Loaded from flow exports; kept by `reset`.
     pub flows: Vec<super::flows::Flow>,
+    pub broadcasts: Vec<super::broadcasts::Broadcast>,
+    pub messages: Vec<super::broadcasts::Message>,
     pub calls: Vec<CallRecord>,
     pub throttle_log: HashMap<String, VecDeque<Instant>>,
     pub rates: BTreeMap<String, Rate>,
@@ -140,6 +142,8 @@ impl Inner {
             groups: Vec::new(),
             fields: Vec::new(),
             flows: Vec::new(),
+            broadcasts: Vec::new(),
+            messages: Vec::new(),
             calls: Vec::new(),
             throttle_log: HashMap::new(),
             rates,
@@ -152,6 +156,8 @@ impl Inner {
         self.contacts.clear();
         self.groups.clear();
         self.fields.clear();
+        self.broadcasts.clear();
+        self.messages.clear();
         self.calls.clear();
         self.throttle_log.clear();
     }
@@ -334,6 +340,8 @@ impl Inner {
             "groups": self.groups.iter().map(|g| self.group_json(g)).collect::<Vec<_>>(),
             "fields": self.fields.iter().map(Inner::field_json).collect::<Vec<_>>(),
             "flows": self.flows.iter().map(super::flows::flow_json).collect::<Vec<_>>(),
+            "broadcasts": self.broadcasts.iter().map(|b| super::broadcasts::broadcast_json(self, b)).collect::<Vec<_>>(),
+            "messages": self.messages.iter().map(|m| super::broadcasts::message_json(self, m)).collect::<Vec<_>>(),
         })
     }
 
