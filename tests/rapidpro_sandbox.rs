@@ -1333,3 +1333,96 @@ async fn an_inbound_message_reactivates_a_stopped_contact() {
     assert_eq!(inbox["results"][0]["text"], "hello again");
     assert_eq!(inbox["results"][0]["direction"], "in");
 }
+
+#[tokio::test]
+async fn garbage_input_never_breaks_the_sandbox() {
+    let sb = Sb::start().await;
+    sb.post("groups.json", json!({"name": "G"})).await;
+    sb.post("fields.json", json!({"name": "F", "type": "number"}))
+        .await;
+    let c = sb
+        .create_contact(json!({"urns": ["tel:+250788000001"]}))
+        .await;
+    let uuid = c["uuid"].as_str().unwrap().to_string();
+    let bodies = [
+        "",
+        "null",
+        "[]",
+        "{",
+        "\"x\"",
+        "5",
+        "{\"urns\": 5}",
+        "{\"urns\": [null, 5, {}]}",
+        "{\"groups\": [{}, null, 5]}",
+        "{\"groups\": \"G\"}",
+        "{\"fields\": []}",
+        "{\"fields\": {\"f\": [1]}}",
+        "{\"fields\": {\"f\": \"abc\"}}",
+        "{\"name\": 5, \"language\": [], \"note\": {}}",
+        "{\"contacts\": \"x\", \"action\": 5, \"group\": []}",
+        "{\"contacts\": [null], \"action\": \"add\", \"group\": \"G\"}",
+        "{\"text\": [], \"urns\": {}, \"contacts\": 3, \"quick_replies\": 7, \"attachments\": \"x\"}",
+        "{\"name\": \"\\u0000\", \"type\": null, \"label\": 5}",
+        "{\"name\": \"   \"}",
+        "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]",
+    ];
+    let queries = [
+        "".to_string(),
+        "?cursor=%%%".to_string(),
+        "?cursor=cD0xXzI%3D&reverse=true".to_string(),
+        "?uuid=".to_string(),
+        "?urn=".to_string(),
+        "?urn=tel:".to_string(),
+        "?after=&before=".to_string(),
+        "?key=".to_string(),
+        format!("?uuid={uuid}"),
+        "?urn=tel%3A%2B250788000001".to_string(),
+        "?group=&deleted=true".to_string(),
+        "?folder=inbox&contact=".to_string(),
+        "?id=-1&broadcast=x".to_string(),
+    ];
+    let endpoints = [
+        "contacts",
+        "contact_actions",
+        "groups",
+        "fields",
+        "workspace",
+        "flows",
+        "broadcasts",
+        "messages",
+        "runs",
+    ];
+    for endpoint in endpoints {
+        for query in &queries {
+            let url = format!("{}{query}", sb.url(endpoint));
+            for body in bodies {
+                let response = sb
+                    .auth(sb.http.post(&url))
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap_or_else(|e| panic!("POST {url} {body}: {e}"));
+                assert!(
+                    response.status().as_u16() < 500,
+                    "POST {url} {body}: {}",
+                    response.status()
+                );
+            }
+            for method in [reqwest::Method::GET, reqwest::Method::DELETE] {
+                let response = sb
+                    .auth(sb.http.request(method.clone(), &url))
+                    .send()
+                    .await
+                    .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+                assert!(
+                    response.status().as_u16() < 500,
+                    "{method} {url}: {}",
+                    response.status()
+                );
+            }
+        }
+    }
+    let (s, _) = sb.get("workspace.json").await;
+    assert_eq!(s, StatusCode::OK);
+}
