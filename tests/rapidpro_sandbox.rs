@@ -1426,3 +1426,162 @@ async fn garbage_input_never_breaks_the_sandbox() {
     let (s, _) = sb.get("workspace.json").await;
     assert_eq!(s, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn flow_starts_create_waiting_runs_that_complete_with_results() {
+    let sb = Sb::start().await;
+    let sandbox = sb.server.sandbox();
+    sandbox
+        .load_flow_export(&fixture("flows/color_v13.json"))
+        .unwrap();
+    sandbox
+        .load_flow_export(&fixture("flows/send_only_v13.json"))
+        .unwrap();
+    let colors = "ca45c8dd-d882-4f56-8522-1cdda67fd5b5";
+    let send_only = "1a737778-2cef-4e2f-830e-33a9d3921741";
+    let ann = sb
+        .create_contact(json!({"name": "Ann", "urns": ["tel:+250788000001"]}))
+        .await;
+    let ann_uuid = ann["uuid"].as_str().unwrap();
+
+    let (s, start) = sb
+        .post("flow_starts.json", json!({"flow": colors, "contacts": [ann_uuid], "urns": ["tel:+250788000002"], "params": {"round": 1}}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{start}");
+    assert_eq!(
+        keys(&start),
+        [
+            "uuid",
+            "flow",
+            "status",
+            "progress",
+            "groups",
+            "contacts",
+            "params",
+            "created_on",
+            "modified_on",
+            "id",
+            "extra",
+            "restart_participants",
+            "exclude_active"
+        ]
+    );
+    assert_eq!(start["status"], "pending");
+    assert_eq!(start["flow"], json!({"uuid": colors, "name": "Colors"}));
+    assert!(start.get("urns").is_none(), "urns are not echoed");
+    let (_, runs) = sb.get("runs.json").await;
+    assert_eq!(runs["results"], json!([]));
+
+    assert_eq!(sandbox.process_flow_starts(), 1);
+    let (_, starts) = sb.get("flow_starts.json").await;
+    assert_eq!(starts["results"][0]["status"], "completed");
+    assert_eq!(
+        starts["results"][0]["progress"],
+        json!({"total": 2, "started": 2})
+    );
+    let (_, runs) = sb.get(&format!("runs.json?contact={ann_uuid}")).await;
+    let run = runs["results"][0].clone();
+    assert_eq!(run["exit_type"], Value::Null);
+    assert_eq!(run["start"], json!({"uuid": start["uuid"]}));
+    assert_eq!(run["contact"]["urn"], "tel:+250788000001");
+    let (_, contact) = sb.get(&format!("contacts.json?uuid={ann_uuid}")).await;
+    assert_eq!(
+        contact["results"][0]["flow"],
+        json!({"uuid": colors, "name": "Colors"})
+    );
+
+    assert!(sandbox.complete_run(run["uuid"].as_str().unwrap(), &[("Color", "red", "Other")]));
+    assert!(
+        !sandbox.complete_run(run["uuid"].as_str().unwrap(), &[]),
+        "already completed"
+    );
+    let (_, runs) = sb
+        .get(&format!("runs.json?flow={colors}&responded=true"))
+        .await;
+    let done = &runs["results"][0];
+    assert_eq!(runs["results"].as_array().map(Vec::len), Some(1));
+    assert_eq!(done["exit_type"], "completed");
+    assert_eq!(done["values"]["color"]["value"], "red");
+    assert_eq!(
+        done["values"]["color"]["node"],
+        "9a4dca3c-5381-4f0d-8e20-dac3b1e962a2"
+    );
+    assert_eq!(
+        keys(&done["values"]["color"]),
+        ["name", "value", "category", "node", "time"]
+    );
+    let (_, no_paths) = sb
+        .get(&format!(
+            "runs.json?uuid={}&paths=false",
+            done["uuid"].as_str().unwrap()
+        ))
+        .await;
+    assert!(no_paths["results"][0]["path"].is_null());
+    let (_, flows) = sb.get(&format!("flows.json?uuid={colors}")).await;
+    assert_eq!(flows["results"][0]["runs"]["completed"], 1);
+    assert_eq!(flows["results"][0]["runs"]["waiting"], 1);
+
+    // restart_participants=false skips Ann (already in Colors); a messaging
+    // flow interrupts the other contact's waiting run.
+    let (s, _) = sb
+        .post(
+            "flow_starts.json",
+            json!({"flow": colors, "contacts": [ann_uuid], "restart_participants": false}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, _) = sb
+        .post(
+            "flow_starts.json",
+            json!({"flow": send_only, "urns": ["tel:+250788000002"]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(sandbox.process_flow_starts(), 2);
+    let (_, starts) = sb.get("flow_starts.json").await;
+    let totals: Vec<Value> = starts["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["progress"]["total"].clone())
+        .collect();
+    assert_eq!(totals, [json!(1), json!(0), json!(2)]);
+    let (_, interrupted) = sb
+        .get(&format!("runs.json?flow={colors}&responded=false"))
+        .await;
+    assert_eq!(interrupted["results"][0]["exit_type"], "interrupted");
+
+    for (body, want) in [
+        (
+            json!({"contacts": [ann_uuid]}),
+            json!({"flow": ["This field is required."]}),
+        ),
+        (
+            json!({"flow": "f5901b62-ba76-4003-9c62-72fdacc1b7b7", "contacts": [ann_uuid]}),
+            json!({"flow": ["No such object: f5901b62-ba76-4003-9c62-72fdacc1b7b7"]}),
+        ),
+        (
+            json!({"flow": colors}),
+            json!({"non_field_errors": ["Must specify at least one group, contact or URN"]}),
+        ),
+        (
+            json!({"flow": colors, "urns": ["tel:+250788000001"], "params": "x"}),
+            json!({"params": ["Must be a valid JSON object"]}),
+        ),
+    ] {
+        let (s, got) = sb.post("flow_starts.json", body.clone()).await;
+        assert_eq!((s, got), (StatusCode::BAD_REQUEST, want), "{body}");
+    }
+    let (s, body) = sb
+        .get(&format!("runs.json?flow={colors}&contact={ann_uuid}"))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    let (s, body) = sb.get("runs.json?flow=invalid").await;
+    assert_eq!(
+        (s, body),
+        (
+            StatusCode::BAD_REQUEST,
+            json!({"detail": "Param 'flow': invalid is not a valid UUID."})
+        )
+    );
+}

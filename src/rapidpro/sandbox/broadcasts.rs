@@ -333,7 +333,8 @@ pub fn list_broadcasts(inner: &mut Inner, req: &Req) -> Result<Reply, Reply> {
     Ok(paginate(req, rows, inner.settings.page_size, true))
 }
 
-fn new_contact(inner: &mut Inner, urn: String) -> usize {
+/// A new active contact with just this URN (auto-created recipients).
+pub fn new_contact(inner: &mut Inner, urn: String) -> usize {
     let now = inner.now();
     let contact = Contact {
         id: inner.next_id(),

@@ -1,7 +1,7 @@
 //! Flows: loading RapidPro flow exports (spec 13) into the sandbox and
 //! `GET /api/v2/flows.json` (filters uuid, type, archived, before/after on
-//! modified_on) in the read shape of reference §5.5. Runs are not simulated,
-//! so every `runs` count is 0.
+//! modified_on) in the read shape of reference §5.5. `runs` counts the
+//! sandbox's runs (waiting ones as `waiting`; `active` is always 0).
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
@@ -107,7 +107,14 @@ pub fn load_export(inner: &mut Inner, export: &Value) -> Result<Vec<String>, Str
     Ok(uuids)
 }
 
-pub fn flow_json(f: &Flow) -> Value {
+pub fn flow_json(inner: &Inner, f: &Flow) -> Value {
+    let count = |exit: Option<&str>| {
+        inner
+            .runs
+            .iter()
+            .filter(|r| r.flow == f.uuid && r.exit_type.as_deref() == exit)
+            .count()
+    };
     json!({
         "uuid": f.uuid,
         "name": f.name,
@@ -115,7 +122,14 @@ pub fn flow_json(f: &Flow) -> Value {
         "archived": f.archived,
         "labels": [],
         "expires": f.expires,
-        "runs": {"active": 0, "waiting": 0, "completed": 0, "interrupted": 0, "expired": 0, "failed": 0},
+        "runs": {
+            "active": 0,
+            "waiting": count(None),
+            "completed": count(Some("completed")),
+            "interrupted": count(Some("interrupted")),
+            "expired": count(Some("expired")),
+            "failed": count(Some("failed")),
+        },
         "results": f.results,
         "parent_refs": [],
         "created_on": format_dt(&f.created_on),
@@ -139,7 +153,7 @@ pub fn list(inner: &mut Inner, req: &Req) -> Result<Reply, Reply> {
         .map(|f| Row {
             key: f.created_on.timestamp_micros(),
             id: f.id,
-            value: flow_json(f),
+            value: flow_json(inner, f),
         })
         .collect();
     rows.sort_by_key(|r| std::cmp::Reverse((r.key, r.id)));

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 
 use super::Sandbox;
 use super::state::{CallRecord, Inner, format_dt};
-use super::{actions, broadcasts, contacts, flows, groups, inspect};
+use super::{actions, broadcasts, contacts, flows, groups, inspect, runs};
 
 pub fn router(sandbox: Sandbox) -> Router {
     Router::new()
@@ -195,6 +195,16 @@ const ENDPOINTS: &[Endpoint] = &[
     Endpoint {
         name: "messages",
         scope: "v2.messages",
+        methods: &[Method::GET],
+    },
+    Endpoint {
+        name: "flow_starts",
+        scope: "v2",
+        methods: &[Method::GET, Method::POST],
+    },
+    Endpoint {
+        name: "runs",
+        scope: "v2.runs",
         methods: &[Method::GET],
     },
     Endpoint {
@@ -450,6 +460,9 @@ fn authenticated(inner: &mut Inner, req: &Req, endpoint: Endpoint) -> Reply {
         ("broadcasts", &Method::GET) => broadcasts::list_broadcasts(inner, req),
         ("broadcasts", &Method::POST) => broadcasts::create(inner, req),
         ("messages", _) => broadcasts::list_messages(inner, req),
+        ("flow_starts", &Method::GET) => runs::list_starts(inner, req),
+        ("flow_starts", &Method::POST) => runs::create_start(inner, req),
+        ("runs", _) => runs::list_runs(inner, req),
         ("workspace", _) => Ok(groups::workspace(inner)),
         _ => Err(Reply::server_error()),
     };

@@ -70,9 +70,13 @@ pub async fn contact_status(State(sandbox): State<Sandbox>, body: axum::body::By
     }
 }
 
-/// `POST /_sandbox/tick`: processes pending broadcasts; `{"processed": n}`.
+/// `POST /_sandbox/tick`: processes pending broadcasts and flow starts;
+/// `{"broadcasts": n, "flow_starts": m}`.
 pub async fn tick(State(sandbox): State<Sandbox>) -> Json<Value> {
-    Json(json!({ "processed": sandbox.process_broadcasts() }))
+    Json(json!({
+        "broadcasts": sandbox.process_broadcasts(),
+        "flow_starts": sandbox.process_flow_starts(),
+    }))
 }
 
 /// `POST /_sandbox/inbound` `{"urn": "tel:+250...", "text": "STOP"}`: an

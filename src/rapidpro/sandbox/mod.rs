@@ -13,7 +13,8 @@
 //! - `urn`: URN normalisation and validation.
 //! - `contacts`, `groups` (groups, fields, workspace), `actions`
 //!   (contact_actions), `flows` (flow exports, flows), `broadcasts`
-//!   (broadcasts, messages, their processing and inbound messages): the endpoints.
+//!   (broadcasts, messages, their processing and inbound messages), `runs`
+//!   (flow starts, runs, their processing): the endpoints.
 //! - `inspect`: the `/_sandbox/*` inspection and control API.
 
 mod actions;
@@ -23,6 +24,7 @@ mod flows;
 mod groups;
 mod http;
 mod inspect;
+mod runs;
 mod state;
 mod urn;
 
@@ -238,6 +240,19 @@ impl Sandbox {
     /// `completed` (`POST /_sandbox/tick`). Returns how many were processed.
     pub fn process_broadcasts(&self) -> usize {
         broadcasts::process_pending(&mut self.lock())
+    }
+
+    /// Does what mailroom does after flow start POSTs: every `pending` start
+    /// gets one waiting run per recipient and becomes `completed` (`failed`
+    /// for an archived flow). Returns how many starts were processed.
+    pub fn process_flow_starts(&self) -> usize {
+        runs::process_pending(&mut self.lock())
+    }
+
+    /// Completes a waiting run with results `(result name, value, category)`,
+    /// as if the contact had answered. False when no such waiting run exists.
+    pub fn complete_run(&self, run_uuid: &str, results: &[(&str, &str, &str)]) -> bool {
+        runs::complete_run(&mut self.lock(), run_uuid, results)
     }
 
     /// Simulates an inbound message from `urn` (creating the contact when

@@ -108,6 +108,8 @@ pub struct Inner {
     pub flows: Vec<super::flows::Flow>,
     pub broadcasts: Vec<super::broadcasts::Broadcast>,
     pub messages: Vec<super::broadcasts::Message>,
+    pub flow_starts: Vec<super::runs::FlowStart>,
+    pub runs: Vec<super::runs::Run>,
     pub calls: Vec<CallRecord>,
     pub throttle_log: HashMap<String, VecDeque<Instant>>,
     pub rates: BTreeMap<String, Rate>,
@@ -144,6 +146,8 @@ impl Inner {
             flows: Vec::new(),
             broadcasts: Vec::new(),
             messages: Vec::new(),
+            flow_starts: Vec::new(),
+            runs: Vec::new(),
             calls: Vec::new(),
             throttle_log: HashMap::new(),
             rates,
@@ -158,6 +162,8 @@ impl Inner {
         self.fields.clear();
         self.broadcasts.clear();
         self.messages.clear();
+        self.flow_starts.clear();
+        self.runs.clear();
         self.calls.clear();
         self.throttle_log.clear();
     }
@@ -319,7 +325,7 @@ impl Inner {
             "groups": groups,
             "notes": notes,
             "fields": fields,
-            "flow": null,
+            "flow": super::runs::current_flow(self, c.id),
             "created_on": format_dt(&c.created_on),
             "modified_on": format_dt(&c.modified_on),
             "last_seen_on": opt_dt(&c.last_seen_on),
@@ -339,7 +345,9 @@ impl Inner {
             }).collect::<Vec<_>>(),
             "groups": self.groups.iter().map(|g| self.group_json(g)).collect::<Vec<_>>(),
             "fields": self.fields.iter().map(Inner::field_json).collect::<Vec<_>>(),
-            "flows": self.flows.iter().map(super::flows::flow_json).collect::<Vec<_>>(),
+            "flows": self.flows.iter().map(|f| super::flows::flow_json(self, f)).collect::<Vec<_>>(),
+            "flow_starts": self.flow_starts.iter().map(|s| super::runs::start_json(self, s)).collect::<Vec<_>>(),
+            "runs": self.runs.iter().map(|r| super::runs::run_json(self, r, true)).collect::<Vec<_>>(),
             "broadcasts": self.broadcasts.iter().map(|b| super::broadcasts::broadcast_json(self, b)).collect::<Vec<_>>(),
             "messages": self.messages.iter().map(|m| super::broadcasts::message_json(self, m)).collect::<Vec<_>>(),
         })
