@@ -1585,3 +1585,89 @@ async fn flow_starts_create_waiting_runs_that_complete_with_results() {
         )
     );
 }
+
+#[tokio::test]
+async fn latency_knob_delays_api_answers() {
+    let sb = Sb::start().await;
+    sb.server
+        .sandbox()
+        .set_latency(std::time::Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    let (s, _) = sb.get("workspace.json").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(started.elapsed() >= std::time::Duration::from_millis(200));
+    assert_eq!(sb.server.sandbox().knobs().latency_ms, 200);
+}
+
+#[tokio::test]
+async fn group_limits_names_and_field_values() {
+    let sb = Sb::start().await;
+    for (body, want) in [
+        (json!({}), json!({"name": ["This field is required."]})),
+        (
+            json!({"name": ""}),
+            json!({"name": ["This field may not be blank."]}),
+        ),
+        (
+            json!({"name": "x".repeat(65)}),
+            json!({"name": ["Ensure this field has no more than 64 characters."]}),
+        ),
+    ] {
+        let (s, got) = sb.post("groups.json", body.clone()).await;
+        assert_eq!((s, got), (StatusCode::BAD_REQUEST, want), "{body}");
+    }
+    for i in 0..250 {
+        let (s, _) = sb
+            .post("groups.json", json!({"name": format!("Group {i}")}))
+            .await;
+        assert_eq!(s, StatusCode::CREATED);
+    }
+    let (s, body) = sb
+        .post("groups.json", json!({"name": "One too many"}))
+        .await;
+    assert_eq!(
+        (s, body),
+        (
+            StatusCode::CONFLICT,
+            json!({"detail": "Cannot create object because workspace has reached limit."})
+        )
+    );
+    let (_, page) = sb.get("groups.json").await;
+    assert_eq!(page["results"].as_array().map(Vec::len), Some(250));
+    assert!(page["next"].is_null());
+    let uuid = page["results"][0]["uuid"].as_str().unwrap().to_string();
+    let (s, renamed) = sb
+        .post(
+            &format!("groups.json?uuid={uuid}"),
+            json!({"name": "Renamed"}),
+        )
+        .await;
+    assert_eq!(
+        (s, renamed["name"].as_str()),
+        (StatusCode::OK, Some("Renamed"))
+    );
+
+    sb.post("fields.json", json!({"name": "Age", "type": "number"}))
+        .await;
+    sb.post("fields.json", json!({"name": "Born", "type": "datetime"}))
+        .await;
+    let c = sb
+        .create_contact(json!({"fields": {"age": "not a number", "born": "2001-02-03T04:05:06Z"}}))
+        .await;
+    assert_eq!(
+        c["fields"],
+        json!({"age": null, "born": "2001-02-03T04:05:06Z"})
+    );
+    let c = sb.create_contact(json!({"fields": {"age": 34}})).await;
+    assert_eq!(c["fields"]["age"], "34");
+    let (s, body) = sb
+        .post("contacts.json", json!({"fields": {"age": "1\u{0}"}}))
+        .await;
+    assert_eq!(
+        (s, body),
+        (
+            StatusCode::BAD_REQUEST,
+            json!({"fields": {"age": ["Null characters are not allowed."]}})
+        )
+    );
+}

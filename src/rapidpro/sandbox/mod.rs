@@ -394,13 +394,20 @@ impl SandboxServer {
     }
 
     /// Waits until the server stops (after the shutdown token is cancelled).
-    pub async fn wait(self) -> std::io::Result<()> {
-        self.task.await.map_err(std::io::Error::other)?
+    pub async fn wait(mut self) -> std::io::Result<()> {
+        (&mut self.task).await.map_err(std::io::Error::other)?
     }
 
     /// Stops the server and waits for it.
     pub async fn shutdown(self) -> std::io::Result<()> {
         self.shutdown.cancel();
         self.wait().await
+    }
+}
+
+impl Drop for SandboxServer {
+    /// A server dropped without [`SandboxServer::shutdown`] stops serving too.
+    fn drop(&mut self) {
+        self.shutdown.cancel();
     }
 }
