@@ -1671,3 +1671,85 @@ async fn group_limits_names_and_field_values() {
         )
     );
 }
+
+#[tokio::test]
+async fn a_single_message_is_queued_then_sent_by_a_tick() {
+    let sb = Sb::start().await;
+    let ann = sb
+        .create_contact(json!({"name": "Ann", "urns": ["tel:+250788000001"]}))
+        .await;
+    let nobody = sb.create_contact(json!({"name": "No URN"})).await;
+    let (s, m) = sb
+        .post(
+            "messages.json",
+            json!({"contact": "tel:+250788000001", "text": "How are you?"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{m}");
+    assert_eq!(
+        (m["status"].as_str(), m["direction"].as_str()),
+        (Some("queued"), Some("out"))
+    );
+    assert_eq!(m["contact"], json!({"uuid": ann["uuid"], "name": "Ann"}));
+    assert_eq!(
+        keys(&m),
+        [
+            "uuid",
+            "id",
+            "contact",
+            "urn",
+            "channel",
+            "direction",
+            "type",
+            "status",
+            "archived",
+            "visibility",
+            "text",
+            "labels",
+            "flow",
+            "attachments",
+            "quick_replies",
+            "created_on",
+            "sent_on",
+            "modified_on",
+            "media",
+            "broadcast"
+        ]
+    );
+    let (s, failed) = sb
+        .post(
+            "messages.json",
+            json!({"contact": nobody["uuid"], "text": "Hi"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(failed["status"], "failed");
+    assert!(failed["urn"].is_null() && failed["channel"].is_null());
+    let (s, body) = sb
+        .post("messages.json", json!({"contact": ann["uuid"]}))
+        .await;
+    assert_eq!(
+        (s, body),
+        (
+            StatusCode::BAD_REQUEST,
+            json!({"non_field_errors": ["Must provide either text or attachments."]})
+        )
+    );
+
+    let tick: Value = sb
+        .http
+        .post(format!("{}/_sandbox/tick", sb.server.base_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        tick,
+        json!({"broadcasts": 0, "flow_starts": 0, "messages": 1})
+    );
+    let (_, sent) = sb.get("messages.json?folder=sent").await;
+    assert_eq!(sent["results"][0]["uuid"], m["uuid"]);
+    assert!(sent["results"][0]["sent_on"].is_string());
+}

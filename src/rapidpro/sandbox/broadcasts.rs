@@ -3,7 +3,8 @@
 //! RapidPro's mailroom does asynchronously ([`process_pending`]: one message
 //! per recipient, auto-created contacts for unknown URNs, active-only groups,
 //! failed messages for non-active or unroutable contacts), inbound messages
-//! ([`receive`]) and `GET /api/v2/messages.json` (§5.8).
+//! ([`receive`]), `GET /api/v2/messages.json` and the single-message
+//! `POST /api/v2/messages.json` (§5.8; `queued` until processed, then `sent`).
 
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
@@ -581,4 +582,123 @@ pub fn list_messages(inner: &mut Inner, req: &Req) -> Result<Reply, Reply> {
         .collect();
     rows.sort_by_key(|r| std::cmp::Reverse((r.key, r.id)));
     Ok(paginate(req, rows, inner.settings.page_size, true))
+}
+
+/// `POST messages.json`: one message to one existing contact.
+pub fn send(inner: &mut Inner, req: &Req) -> Result<Reply, Reply> {
+    let body = req.json_object()?;
+    let mut errors = Map::new();
+    let mut contact = None;
+    match body.get("contact") {
+        None => {
+            errors.insert("contact".into(), json!(["This field is required."]));
+        }
+        Some(Value::Null) => {
+            errors.insert("contact".into(), json!(["This field may not be null."]));
+        }
+        Some(v) => {
+            let key = v.as_str().map_or_else(|| v.to_string(), str::to_string);
+            match find_live_contact(inner, &key) {
+                Some(i) => contact = Some(i),
+                None => {
+                    errors.insert("contact".into(), json!([format!("No such object: {key}")]));
+                }
+            }
+        }
+    }
+    let text = match body.get("text") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.chars().count() > 4096 => {
+            errors.insert(
+                "text".into(),
+                json!(["Ensure this field has no more than 4096 characters."]),
+            );
+            None
+        }
+        Some(Value::String(s)) => Some(s.clone()).filter(|s| !s.is_empty()),
+        Some(_) => {
+            errors.insert("text".into(), json!(["Not a valid string."]));
+            None
+        }
+    };
+    match body.get("attachments") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(a)) if a.is_empty() => {}
+        Some(Value::Array(a)) if a.len() > 10 => {
+            errors.insert(
+                "attachments".into(),
+                json!(["Ensure this field has no more than 10 elements."]),
+            );
+        }
+        Some(v) => {
+            // Media uploads are not simulated, so no attachment can exist.
+            let first = v.as_array().and_then(|a| a.first()).map_or_else(
+                || v.to_string(),
+                |x| x.as_str().unwrap_or_default().to_string(),
+            );
+            errors.insert(
+                "attachments".into(),
+                json!([format!("No such object: {first}")]),
+            );
+        }
+    }
+    if let Some(Value::Array(q)) = body.get("quick_replies")
+        && q.len() > 10
+    {
+        errors.insert(
+            "quick_replies".into(),
+            json!(["Ensure this field has no more than 10 elements."]),
+        );
+    }
+    if !errors.is_empty() {
+        return Err(Reply::bad_request(Value::Object(errors)));
+    }
+    let Some(text) = text else {
+        return Err(Reply::bad_request(
+            json!({"non_field_errors": ["Must provide either text or attachments."]}),
+        ));
+    };
+    let Some(i) = contact else {
+        return Err(Reply::server_error());
+    };
+    let c = &inner.contacts[i];
+    let routable = c.status == Status::Active && !c.urns.is_empty();
+    let urn = if routable {
+        c.urns.first().cloned()
+    } else {
+        None
+    };
+    let contact = c.id;
+    let now = inner.now();
+    let message = Message {
+        id: inner.next_id(),
+        uuid: uuid::Uuid::new_v4().to_string(),
+        contact,
+        urn,
+        direction: "out",
+        status: if routable { "queued" } else { "failed" },
+        text,
+        broadcast: None,
+        created_on: now,
+        modified_on: now,
+        sent_on: None,
+    };
+    let json = message_json(inner, &message);
+    inner.messages.push(message);
+    Ok(Reply::json(StatusCode::CREATED, json))
+}
+
+/// What courier does: queued outgoing messages become `sent`. Returns how many.
+pub fn send_queued(inner: &mut Inner) -> usize {
+    let queued: Vec<usize> = (0..inner.messages.len())
+        .filter(|i| inner.messages[*i].direction == "out" && inner.messages[*i].status == "queued")
+        .collect();
+    for i in &queued {
+        let now = inner.now();
+        let m = &mut inner.messages[*i];
+        m.status = "sent";
+        m.sent_on = Some(now);
+        m.modified_on = now;
+    }
+    queued.len()
 }

@@ -195,7 +195,7 @@ const ENDPOINTS: &[Endpoint] = &[
     Endpoint {
         name: "messages",
         scope: "v2.messages",
-        methods: &[Method::GET],
+        methods: &[Method::GET, Method::POST],
     },
     Endpoint {
         name: "flow_starts",
@@ -459,7 +459,8 @@ fn authenticated(inner: &mut Inner, req: &Req, endpoint: Endpoint) -> Reply {
         ("flows", _) => flows::list(inner, req),
         ("broadcasts", &Method::GET) => broadcasts::list_broadcasts(inner, req),
         ("broadcasts", &Method::POST) => broadcasts::create(inner, req),
-        ("messages", _) => broadcasts::list_messages(inner, req),
+        ("messages", &Method::GET) => broadcasts::list_messages(inner, req),
+        ("messages", &Method::POST) => broadcasts::send(inner, req),
         ("flow_starts", &Method::GET) => runs::list_starts(inner, req),
         ("flow_starts", &Method::POST) => runs::create_start(inner, req),
         ("runs", _) => runs::list_runs(inner, req),

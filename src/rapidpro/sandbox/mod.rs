@@ -242,6 +242,12 @@ impl Sandbox {
         broadcasts::process_pending(&mut self.lock())
     }
 
+    /// Does what courier does: queued outgoing messages (from
+    /// `POST messages.json`) become `sent`. Returns how many.
+    pub fn send_queued_messages(&self) -> usize {
+        broadcasts::send_queued(&mut self.lock())
+    }
+
     /// Does what mailroom does after flow start POSTs: every `pending` start
     /// gets one waiting run per recipient and becomes `completed` (`failed`
     /// for an archived flow). Returns how many starts were processed.
