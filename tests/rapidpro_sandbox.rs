@@ -1753,3 +1753,136 @@ async fn a_single_message_is_queued_then_sent_by_a_tick() {
     assert_eq!(sent["results"][0]["uuid"], m["uuid"]);
     assert!(sent["results"][0]["sent_on"].is_string());
 }
+
+#[tokio::test]
+async fn webhooks_and_resthooks_post_mailroom_payloads() {
+    use wiremock::matchers::{header, method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let receiver = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/hook"))
+        .and(header("user-agent", "Mailroom/26.3"))
+        .and(header("x-mailroom-mode", "normal"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&receiver)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/gone"))
+        .respond_with(ResponseTemplate::new(410))
+        .mount(&receiver)
+        .await;
+
+    let sb = Sb::start().await;
+    let sandbox = sb.server.sandbox().clone();
+    sandbox
+        .load_flow_export(&fixture("flows/color_v13.json"))
+        .unwrap();
+    let ann = sb
+        .create_contact(json!({"name": "Ann", "urns": ["tel:+250788000001"]}))
+        .await;
+    sb.post(
+        "flow_starts.json",
+        json!({"flow": "ca45c8dd-d882-4f56-8522-1cdda67fd5b5", "contacts": [ann["uuid"]]}),
+    )
+    .await;
+    sandbox.process_flow_starts();
+    let (_, runs) = sb.get("runs.json").await;
+    let run_uuid = runs["results"][0]["uuid"].as_str().unwrap().to_string();
+    assert!(sandbox.complete_run(&run_uuid, &[("Color", "red", "Other")]));
+
+    let hook_url = format!("{}/hook", receiver.uri());
+    let (s2, r2) = (sandbox.clone(), run_uuid.clone());
+    let call = tokio::spawn(async move { s2.call_webhook(&r2, &hook_url).await })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(call.status, Some(200));
+    assert_eq!(
+        call.payload,
+        json!({
+            "contact": {"uuid": ann["uuid"], "name": "Ann", "urn": "tel:+250788000001"},
+            "flow": {"uuid": "ca45c8dd-d882-4f56-8522-1cdda67fd5b5", "name": "Colors"},
+            "results": {"color": {"value": "red", "category": "Other"}}
+        })
+    );
+    let received = receiver.received_requests().await.unwrap();
+    assert_eq!(received.len(), 1);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&received[0].body).unwrap(),
+        call.payload
+    );
+
+    sandbox.add_resthook("new-report");
+    let (_, hooks) = sb.get("resthooks.json").await;
+    assert_eq!(hooks["results"][0]["resthook"], "new-report");
+    for target in ["hook", "gone"] {
+        let (s, sub) = sb
+            .post("resthook_subscribers.json", json!({"resthook": "new-report", "target_url": format!("{}/{target}", receiver.uri())}))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{sub}");
+    }
+    let (s, body) = sb
+        .post(
+            "resthook_subscribers.json",
+            json!({"resthook": "new-report", "target_url": format!("{}/hook", receiver.uri())}),
+        )
+        .await;
+    assert_eq!(
+        (s, body),
+        (
+            StatusCode::BAD_REQUEST,
+            json!({"non_field_errors": ["URL is already subscribed to this event."]})
+        )
+    );
+    let (s, body) = sb
+        .post(
+            "resthook_subscribers.json",
+            json!({"resthook": "spam", "target_url": "nope"}),
+        )
+        .await;
+    assert_eq!(
+        (s, body),
+        (
+            StatusCode::BAD_REQUEST,
+            json!({"resthook": ["No resthook with slug: spam"], "target_url": ["Enter a valid URL."]})
+        )
+    );
+
+    let calls = sandbox
+        .fire_resthook(&run_uuid, "new-report")
+        .await
+        .unwrap();
+    let statuses: Vec<Option<u16>> = calls.iter().map(|c| c.status).collect();
+    assert_eq!(statuses, [Some(200), Some(410)]);
+    let payload = &calls[0].payload;
+    assert_eq!(
+        keys(payload),
+        [
+            "channel", "contact", "flow", "input", "path", "results", "run"
+        ]
+    );
+    assert_eq!(
+        payload["results"]["color"]["node_uuid"],
+        "9a4dca3c-5381-4f0d-8e20-dac3b1e962a2"
+    );
+    assert_eq!(payload["run"]["uuid"], run_uuid.as_str());
+    let (_, subs) = sb.get("resthook_subscribers.json").await;
+    assert_eq!(
+        subs["results"].as_array().map(Vec::len),
+        Some(1),
+        "410 unsubscribes"
+    );
+    let (_, events) = sb.get("resthook_events.json").await;
+    assert_eq!(&events["results"][0]["data"], payload);
+    assert_eq!(sandbox.webhook_calls().len(), 3);
+
+    let id = subs["results"][0]["id"].as_u64().unwrap();
+    let (s, _) = sb
+        .delete(&format!("resthook_subscribers.json?id={id}"))
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = sb
+        .delete(&format!("resthook_subscribers.json?id={id}"))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}

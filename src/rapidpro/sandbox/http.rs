@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 
 use super::Sandbox;
 use super::state::{CallRecord, Inner, format_dt};
-use super::{actions, broadcasts, contacts, flows, groups, inspect, runs};
+use super::{actions, broadcasts, contacts, flows, groups, inspect, runs, webhooks};
 
 pub fn router(sandbox: Sandbox) -> Router {
     Router::new()
@@ -205,6 +205,21 @@ const ENDPOINTS: &[Endpoint] = &[
     Endpoint {
         name: "runs",
         scope: "v2.runs",
+        methods: &[Method::GET],
+    },
+    Endpoint {
+        name: "resthooks",
+        scope: "v2",
+        methods: &[Method::GET],
+    },
+    Endpoint {
+        name: "resthook_subscribers",
+        scope: "v2",
+        methods: &[Method::GET, Method::POST, Method::DELETE],
+    },
+    Endpoint {
+        name: "resthook_events",
+        scope: "v2",
         methods: &[Method::GET],
     },
     Endpoint {
@@ -464,6 +479,11 @@ fn authenticated(inner: &mut Inner, req: &Req, endpoint: Endpoint) -> Reply {
         ("flow_starts", &Method::GET) => runs::list_starts(inner, req),
         ("flow_starts", &Method::POST) => runs::create_start(inner, req),
         ("runs", _) => runs::list_runs(inner, req),
+        ("resthooks", _) => webhooks::list_resthooks(inner, req),
+        ("resthook_subscribers", &Method::GET) => webhooks::list_subscribers(inner, req),
+        ("resthook_subscribers", &Method::POST) => webhooks::subscribe(inner, req),
+        ("resthook_subscribers", &Method::DELETE) => webhooks::unsubscribe(inner, req),
+        ("resthook_events", _) => webhooks::list_events(inner, req),
         ("workspace", _) => Ok(groups::workspace(inner)),
         _ => Err(Reply::server_error()),
     };

@@ -14,7 +14,8 @@
 //! - `contacts`, `groups` (groups, fields, workspace), `actions`
 //!   (contact_actions), `flows` (flow exports, flows), `broadcasts`
 //!   (broadcasts, messages, their processing and inbound messages), `runs`
-//!   (flow starts, runs, their processing): the endpoints.
+//!   (flow starts, runs, their processing), `webhooks` (call_webhook and
+//!   resthook payloads, resthook endpoints, delivery): the endpoints.
 //! - `inspect`: the `/_sandbox/*` inspection and control API.
 
 mod actions;
@@ -27,6 +28,7 @@ mod inspect;
 mod runs;
 mod state;
 mod urn;
+mod webhooks;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -42,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use state::CallRecord;
 pub use urn::normalize_urn;
+pub use webhooks::WebhookCall;
 
 /// The throttle scopes RapidPro uses.
 pub const SCOPES: [&str; 4] = ["v2", "v2.contacts", "v2.messages", "v2.runs"];
@@ -259,6 +262,80 @@ impl Sandbox {
     /// as if the contact had answered. False when no such waiting run exists.
     pub fn complete_run(&self, run_uuid: &str, results: &[(&str, &str, &str)]) -> bool {
         runs::complete_run(&mut self.lock(), run_uuid, results)
+    }
+
+    /// Creates a resthook slug (RapidPro creates them in the flow editor).
+    pub fn add_resthook(&self, slug: &str) {
+        webhooks::add_resthook(&mut self.lock(), slug);
+    }
+
+    /// Emulates a flow's "Call Webhook" action for a run: POSTs the editor's
+    /// default body (reference §7.1) to `url` with mailroom's headers, once.
+    pub async fn call_webhook(&self, run_uuid: &str, url: &str) -> Result<WebhookCall, String> {
+        let payload = webhooks::webhook_body(&self.lock(), run_uuid)
+            .ok_or_else(|| format!("no run {run_uuid}"))?;
+        Ok(self.deliver(url, payload).await)
+    }
+
+    /// Emulates a "Call Resthook" action for a run: records a resthook event
+    /// and POSTs goflow's payload (reference §7.2) to every subscriber; a
+    /// subscriber answering 410 is unsubscribed. Returns the calls made.
+    pub async fn fire_resthook(
+        &self,
+        run_uuid: &str,
+        slug: &str,
+    ) -> Result<Vec<WebhookCall>, String> {
+        let (payload, targets) = {
+            let mut inner = self.lock();
+            if !inner.resthooks.iter().any(|r| r.slug == slug) {
+                return Err(format!("no resthook {slug:?}"));
+            }
+            let payload = webhooks::resthook_payload(&inner, run_uuid)
+                .ok_or_else(|| format!("no run {run_uuid}"))?;
+            let now = inner.now();
+            let id = inner.next_id();
+            inner.events.push(webhooks::Event {
+                id,
+                resthook: slug.to_string(),
+                data: payload.clone(),
+                created_on: now,
+            });
+            let targets: Vec<(u64, String)> = inner
+                .subscribers
+                .iter()
+                .filter(|s| s.resthook == slug)
+                .map(|s| (s.id, s.target_url.clone()))
+                .collect();
+            (payload, targets)
+        };
+        let mut calls = Vec::new();
+        for (id, url) in targets {
+            let call = self.deliver(&url, payload.clone()).await;
+            if call.status == Some(410) {
+                self.lock().subscribers.retain(|s| s.id != id);
+            }
+            calls.push(call);
+        }
+        Ok(calls)
+    }
+
+    async fn deliver(&self, url: &str, payload: Value) -> WebhookCall {
+        let time = state::format_dt(&self.lock().now());
+        let (status, error) = webhooks::post(url, &payload).await;
+        let call = WebhookCall {
+            url: url.to_string(),
+            payload,
+            status,
+            error,
+            time,
+        };
+        self.lock().webhook_calls.push(call.clone());
+        call
+    }
+
+    /// Every webhook and resthook POST the sandbox made, oldest first.
+    pub fn webhook_calls(&self) -> Vec<WebhookCall> {
+        self.lock().webhook_calls.clone()
     }
 
     /// Simulates an inbound message from `urn` (creating the contact when

@@ -110,6 +110,11 @@ pub struct Inner {
     pub messages: Vec<super::broadcasts::Message>,
     pub flow_starts: Vec<super::runs::FlowStart>,
     pub runs: Vec<super::runs::Run>,
+    /// Created through the handle; kept by `reset`.
+    pub resthooks: Vec<super::webhooks::Resthook>,
+    pub subscribers: Vec<super::webhooks::Subscriber>,
+    pub events: Vec<super::webhooks::Event>,
+    pub webhook_calls: Vec<super::webhooks::WebhookCall>,
     pub calls: Vec<CallRecord>,
     pub throttle_log: HashMap<String, VecDeque<Instant>>,
     pub rates: BTreeMap<String, Rate>,
@@ -148,6 +153,10 @@ impl Inner {
             messages: Vec::new(),
             flow_starts: Vec::new(),
             runs: Vec::new(),
+            resthooks: Vec::new(),
+            subscribers: Vec::new(),
+            events: Vec::new(),
+            webhook_calls: Vec::new(),
             calls: Vec::new(),
             throttle_log: HashMap::new(),
             rates,
@@ -164,6 +173,9 @@ impl Inner {
         self.messages.clear();
         self.flow_starts.clear();
         self.runs.clear();
+        self.subscribers.clear();
+        self.events.clear();
+        self.webhook_calls.clear();
         self.calls.clear();
         self.throttle_log.clear();
     }
