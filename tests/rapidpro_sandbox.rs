@@ -1336,7 +1336,9 @@ async fn an_inbound_message_reactivates_a_stopped_contact() {
 
 #[tokio::test]
 async fn garbage_input_never_breaks_the_sandbox() {
-    let sb = Sb::start().await;
+    // A rate high enough that no request is answered 429 instead of being exercised.
+    let sb =
+        Sb::with(SandboxSettings::default().with_throttle_rate(Rate::per_hour(1_000_000))).await;
     sb.post("groups.json", json!({"name": "G"})).await;
     sb.post("fields.json", json!({"name": "F", "type": "number"}))
         .await;
@@ -1388,9 +1390,14 @@ async fn garbage_input_never_breaks_the_sandbox() {
         "fields",
         "workspace",
         "flows",
+        "flow_starts",
+        "runs",
         "broadcasts",
         "messages",
-        "runs",
+        "resthooks",
+        "resthook_subscribers",
+        "resthook_events",
+        "archives",
     ];
     for endpoint in endpoints {
         for query in &queries {
@@ -1875,6 +1882,16 @@ async fn webhooks_and_resthooks_post_mailroom_payloads() {
     let (_, events) = sb.get("resthook_events.json").await;
     assert_eq!(&events["results"][0]["data"], payload);
     assert_eq!(sandbox.webhook_calls().len(), 3);
+    let logged: Value = sb
+        .http
+        .get(format!("{}/_sandbox/webhooks", sb.server.base_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(logged["calls"][2]["status"], 410);
 
     let id = subs["results"][0]["id"].as_u64().unwrap();
     let (s, _) = sb

@@ -28,6 +28,7 @@ pub fn router(sandbox: Sandbox) -> Router {
             get(inspect::calls).delete(inspect::clear_calls),
         )
         .route("/_sandbox/state", get(inspect::state))
+        .route("/_sandbox/webhooks", get(inspect::webhooks))
         .route("/_sandbox/reset", post(inspect::reset))
         .route(
             "/_sandbox/knobs",

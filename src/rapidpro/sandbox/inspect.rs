@@ -1,6 +1,9 @@
 //! The inspection and control API under `/_sandbox/` (a path RapidPro does
-//! not use; no authentication, no throttling, not recorded): the call log,
-//! the state, reset and the knobs.
+//! not use; no authentication, no throttling, not recorded):
+//! `GET/DELETE calls` (the API call log), `GET webhooks` (webhook POSTs made),
+//! `GET state`, `POST reset`, `GET/POST knobs`, `POST contact_status`,
+//! `POST inbound` (an inbound message) and `POST tick` (process pending
+//! broadcasts and flow starts, send queued messages).
 
 use axum::Json;
 use axum::extract::State;
@@ -17,6 +20,10 @@ pub async fn calls(State(sandbox): State<Sandbox>) -> Json<Value> {
 pub async fn clear_calls(State(sandbox): State<Sandbox>) -> StatusCode {
     sandbox.clear_calls();
     StatusCode::NO_CONTENT
+}
+
+pub async fn webhooks(State(sandbox): State<Sandbox>) -> Json<Value> {
+    Json(json!({ "calls": sandbox.webhook_calls() }))
 }
 
 pub async fn state(State(sandbox): State<Sandbox>) -> Json<Value> {
