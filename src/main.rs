@@ -54,6 +54,9 @@ enum Command {
         /// RapidPro flow export (spec 13) to serve from flows.json (repeatable).
         #[arg(long)]
         flows: Vec<PathBuf>,
+        /// Process broadcasts, flow starts and messages at once instead of on POST /_sandbox/tick.
+        #[arg(long)]
+        auto_process: bool,
     },
     /// One sync pass now.
     Sync {
@@ -112,8 +115,10 @@ async fn main() -> ExitCode {
             latency_ms,
             error_rate,
             flows,
+            auto_process,
         } => {
             let options = SandboxOptions {
+                auto_process,
                 listen,
                 tokens: token,
                 throttle_rate,
@@ -195,6 +200,7 @@ struct SandboxOptions {
     latency_ms: u64,
     error_rate: f64,
     flows: Vec<PathBuf>,
+    auto_process: bool,
 }
 
 async fn rapidpro_sandbox(options: SandboxOptions) -> ExitCode {
@@ -206,6 +212,7 @@ async fn rapidpro_sandbox(options: SandboxOptions) -> ExitCode {
         latency_ms,
         error_rate,
         flows,
+        auto_process,
     } = options;
     let mut exports = Vec::new();
     for path in &flows {
@@ -241,6 +248,7 @@ async fn rapidpro_sandbox(options: SandboxOptions) -> ExitCode {
         listen,
         latency: std::time::Duration::from_millis(latency_ms),
         error_rate,
+        auto_process,
         ..SandboxSettings::default()
     }
     .with_throttle_rate(rate);

@@ -1903,3 +1903,54 @@ async fn webhooks_and_resthooks_post_mailroom_payloads() {
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn auto_process_expand_urns_and_archives() {
+    let sb = Sb::with(SandboxSettings {
+        auto_process: true,
+        ..SandboxSettings::default()
+    })
+    .await;
+    assert!(sb.server.sandbox().knobs().auto_process);
+    sb.create_contact(json!({"name": "Ann", "urns": ["tel:+250788000001"]}))
+        .await;
+    let (s, b) = sb
+        .post(
+            "broadcasts.json",
+            json!({"text": "Hi", "urns": ["tel:+250788000001"]}),
+        )
+        .await;
+    assert_eq!(
+        (s, b["status"].as_str()),
+        (StatusCode::CREATED, Some("pending"))
+    );
+    let (_, sent) = sb.get("messages.json?folder=sent").await;
+    assert_eq!(
+        sent["results"].as_array().map(Vec::len),
+        Some(1),
+        "processed without a tick"
+    );
+    assert_eq!(
+        sb.server.sandbox().tick(),
+        mhero::rapidpro::sandbox::TickReport {
+            broadcasts: 0,
+            flow_starts: 0,
+            messages: 0
+        }
+    );
+
+    let (_, expanded) = sb.get("contacts.json?expand_urns=true").await;
+    assert_eq!(
+        expanded["results"][0]["urns"][0],
+        json!({"channel": {"uuid": "9a8b001e-a913-486c-80f4-1356e23f582e", "name": "Sandbox"},
+               "scheme": "tel", "path": "+250788000001", "display": null})
+    );
+    let (s, archives) = sb.get("archives.json").await;
+    assert_eq!(
+        (s, archives),
+        (
+            StatusCode::OK,
+            json!({"count": 0, "next": null, "previous": null, "results": []})
+        )
+    );
+}

@@ -41,6 +41,7 @@ pub fn list(inner: &mut Inner, req: &Req) -> Result<Reply, Reply> {
     };
     let deleted = req.flag("deleted");
     let reverse = req.flag("reverse");
+    let expand_urns = req.flag("expand_urns");
     let mut rows: Vec<Row> = inner
         .contacts
         .iter()
@@ -52,7 +53,13 @@ pub fn list(inner: &mut Inner, req: &Req) -> Result<Reply, Reply> {
         .map(|c| Row {
             key: c.modified_on.timestamp_micros(),
             id: c.id,
-            value: inner.contact_json(c),
+            value: {
+                let mut v = inner.contact_json(c);
+                if expand_urns {
+                    expand(&mut v);
+                }
+                v
+            },
         })
         .collect();
     rows.sort_by_key(|r| std::cmp::Reverse((r.key, r.id)));
@@ -60,6 +67,24 @@ pub fn list(inner: &mut Inner, req: &Req) -> Result<Reply, Reply> {
         rows.reverse();
     }
     Ok(paginate(req, rows, inner.settings.page_size, !reverse))
+}
+
+/// `expand_urns=true`: URN strings become objects (the sandbox's one channel
+/// routes every URN).
+fn expand(contact: &mut Value) {
+    let Some(urns) = contact.get_mut("urns").and_then(Value::as_array_mut) else {
+        return;
+    };
+    for urn in urns.iter_mut() {
+        let text = urn.as_str().unwrap_or_default().to_string();
+        let (scheme, path) = text.split_once(':').unwrap_or(("", &text));
+        *urn = json!({
+            "channel": {"uuid": "9a8b001e-a913-486c-80f4-1356e23f582e", "name": "Sandbox"},
+            "scheme": scheme,
+            "path": path,
+            "display": null,
+        });
+    }
 }
 
 /// The validated body of a contact write.

@@ -224,6 +224,11 @@ const ENDPOINTS: &[Endpoint] = &[
         methods: &[Method::GET],
     },
     Endpoint {
+        name: "archives",
+        scope: "v2",
+        methods: &[Method::GET],
+    },
+    Endpoint {
         name: "flows",
         scope: "v2",
         methods: &[Method::GET],
@@ -445,6 +450,12 @@ fn handle(inner: &mut Inner, req: &Req, headers: &HeaderMap) -> Reply {
     // Every authenticated response names the workspace.
     let workspace = inner.settings.workspace.uuid.clone();
     let mut reply = authenticated(inner, req, endpoint);
+    if inner.auto_process
+        && reply.status == StatusCode::CREATED
+        && matches!(endpoint.name, "broadcasts" | "flow_starts" | "messages")
+    {
+        inner.tick();
+    }
     reply.headers.push((
         header::HeaderName::from_static("x-temba-workspace"),
         workspace,
@@ -473,6 +484,10 @@ fn authenticated(inner: &mut Inner, req: &Req, endpoint: Endpoint) -> Reply {
         ("fields", &Method::GET) => groups::list_fields(inner, req),
         ("fields", &Method::POST) => groups::write_field(inner, req),
         ("flows", _) => flows::list(inner, req),
+        // The sandbox never archives: limit/offset pagination with `count`.
+        ("archives", _) => Ok(Reply::ok(
+            json!({"count": 0, "next": null, "previous": null, "results": []}),
+        )),
         ("broadcasts", &Method::GET) => broadcasts::list_broadcasts(inner, req),
         ("broadcasts", &Method::POST) => broadcasts::create(inner, req),
         ("messages", &Method::GET) => broadcasts::list_messages(inner, req),

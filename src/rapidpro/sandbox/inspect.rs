@@ -80,11 +80,7 @@ pub async fn contact_status(State(sandbox): State<Sandbox>, body: axum::body::By
 /// `POST /_sandbox/tick`: processes pending broadcasts and flow starts and
 /// sends queued messages; `{"broadcasts": n, "flow_starts": m, "messages": k}`.
 pub async fn tick(State(sandbox): State<Sandbox>) -> Json<Value> {
-    Json(json!({
-        "broadcasts": sandbox.process_broadcasts(),
-        "flow_starts": sandbox.process_flow_starts(),
-        "messages": sandbox.send_queued_messages(),
-    }))
+    Json(json!(sandbox.tick()))
 }
 
 /// `POST /_sandbox/inbound` `{"urn": "tel:+250...", "text": "STOP"}`: an

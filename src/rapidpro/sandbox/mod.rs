@@ -42,7 +42,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use state::CallRecord;
+pub use state::{CallRecord, TickReport};
 pub use urn::normalize_urn;
 pub use webhooks::WebhookCall;
 
@@ -151,6 +151,10 @@ pub struct SandboxSettings {
     pub latency: Duration,
     /// Fraction (0.0..=1.0) of API requests answered 500 with a plain-text body.
     pub error_rate: f64,
+    /// Process broadcasts, flow starts and single messages as soon as they
+    /// are created, instead of waiting for [`Sandbox::tick`] (RapidPro does it
+    /// asynchronously; off by default so tests can observe `pending`).
+    pub auto_process: bool,
 }
 
 /// The default token the sandbox accepts.
@@ -170,6 +174,7 @@ impl Default for SandboxSettings {
             page_size: 250,
             latency: Duration::ZERO,
             error_rate: 0.0,
+            auto_process: false,
         }
     }
 }
@@ -190,6 +195,7 @@ impl SandboxSettings {
 pub struct Knobs {
     pub latency_ms: u64,
     pub error_rate: f64,
+    pub auto_process: bool,
     /// Scope -> rate in DRF syntax, e.g. `{"v2.contacts": "5/hour"}`.
     pub throttle: BTreeMap<String, String>,
 }
@@ -199,6 +205,7 @@ pub struct Knobs {
 pub struct KnobsUpdate {
     pub latency_ms: Option<u64>,
     pub error_rate: Option<f64>,
+    pub auto_process: Option<bool>,
     /// Scope -> rate; the scope `"*"` sets every scope.
     pub throttle: Option<BTreeMap<String, String>>,
 }
@@ -243,6 +250,12 @@ impl Sandbox {
     /// `completed` (`POST /_sandbox/tick`). Returns how many were processed.
     pub fn process_broadcasts(&self) -> usize {
         broadcasts::process_pending(&mut self.lock())
+    }
+
+    /// Processes pending broadcasts and flow starts and sends queued
+    /// messages, in that order (`POST /_sandbox/tick`).
+    pub fn tick(&self) -> TickReport {
+        self.lock().tick()
     }
 
     /// Does what courier does: queued outgoing messages (from

@@ -11,6 +11,14 @@ use serde_json::{Map, Value, json};
 
 use super::{Knobs, KnobsUpdate, Rate, SCOPES, SandboxSettings};
 
+/// What one processing step did (`Sandbox::tick`, `POST /_sandbox/tick`).
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct TickReport {
+    pub broadcasts: usize,
+    pub flow_starts: usize,
+    pub messages: usize,
+}
+
 /// One API call as the sandbox received and answered it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct CallRecord {
@@ -120,6 +128,7 @@ pub struct Inner {
     pub rates: BTreeMap<String, Rate>,
     pub latency: Duration,
     pub error_rate: f64,
+    pub auto_process: bool,
     next_id: u64,
     last_time: DateTime<Utc>,
 }
@@ -144,6 +153,7 @@ impl Inner {
         Inner {
             latency: settings.latency,
             error_rate: settings.error_rate.clamp(0.0, 1.0),
+            auto_process: settings.auto_process,
             settings,
             contacts: Vec::new(),
             groups: Vec::new(),
@@ -202,6 +212,7 @@ impl Inner {
         Knobs {
             latency_ms: u64::try_from(self.latency.as_millis()).unwrap_or(u64::MAX),
             error_rate: self.error_rate,
+            auto_process: self.auto_process,
             throttle: self
                 .rates
                 .iter()
@@ -234,6 +245,9 @@ impl Inner {
             }
             self.error_rate = rate;
         }
+        if let Some(auto) = update.auto_process {
+            self.auto_process = auto;
+        }
         if let Some(ms) = update.latency_ms {
             self.latency = Duration::from_millis(ms);
         }
@@ -241,6 +255,14 @@ impl Inner {
             self.set_rate(&scope, rate);
         }
         Ok(())
+    }
+
+    pub fn tick(&mut self) -> TickReport {
+        TickReport {
+            broadcasts: super::broadcasts::process_pending(self),
+            flow_starts: super::runs::process_pending(self),
+            messages: super::broadcasts::send_queued(self),
+        }
     }
 
     pub fn group_by_id(&self, id: u64) -> Option<&Group> {
