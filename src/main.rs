@@ -36,8 +36,27 @@ enum Command {
     },
     /// Run the RapidPro API v2 sandbox alone.
     RapidproSandbox {
+        /// Address to listen on (port 0 picks a free port).
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: String,
+        /// Accepted API token (repeatable); default "sandbox-token".
         #[arg(long)]
-        listen: Option<String>,
+        token: Vec<String>,
+        /// Throttle rate for every scope, DRF syntax (e.g. 3600/hour, 5/min).
+        #[arg(long, default_value = "3600/hour")]
+        throttle_rate: String,
+        /// Latency added to every API request, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Fraction of API requests answered 500 (0.0 to 1.0).
+        #[arg(long, default_value_t = 0.0)]
+        error_rate: f64,
+        /// RapidPro flow export (spec 13) to serve from flows.json (repeatable).
+        #[arg(long)]
+        flows: Vec<PathBuf>,
+        /// Process broadcasts, flow starts and messages at once instead of on POST /_sandbox/tick.
+        #[arg(long)]
+        auto_process: bool,
     },
     /// One sync pass now.
     Sync {
@@ -89,7 +108,26 @@ async fn main() -> ExitCode {
     match cli.command {
         Command::Serve => serve(settings).await,
         Command::Demo { data } => demo(settings, data).await,
-        Command::RapidproSandbox { .. } => not_yet("rapidpro-sandbox"),
+        Command::RapidproSandbox {
+            listen,
+            token,
+            throttle_rate,
+            latency_ms,
+            error_rate,
+            flows,
+            auto_process,
+        } => {
+            let options = SandboxOptions {
+                auto_process,
+                listen,
+                tokens: token,
+                throttle_rate,
+                latency_ms,
+                error_rate,
+                flows,
+            };
+            rapidpro_sandbox(options).await
+        }
         Command::Sync {
             what: SyncTarget::Contacts,
             full,
@@ -154,6 +192,118 @@ async fn demo(mut settings: Settings, data: PathBuf) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("server error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+struct SandboxOptions {
+    listen: String,
+    tokens: Vec<String>,
+    throttle_rate: String,
+    latency_ms: u64,
+    error_rate: f64,
+    flows: Vec<PathBuf>,
+    auto_process: bool,
+}
+
+async fn rapidpro_sandbox(options: SandboxOptions) -> ExitCode {
+    use mhero::rapidpro::sandbox::{Rate, SandboxServer, SandboxSettings};
+    let SandboxOptions {
+        listen,
+        tokens,
+        throttle_rate,
+        latency_ms,
+        error_rate,
+        flows,
+        auto_process,
+    } = options;
+    let mut exports = Vec::new();
+    for path in &flows {
+        let parsed = std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|text| {
+                serde_json::from_str::<serde_json::Value>(&text).map_err(|e| e.to_string())
+            });
+        match parsed {
+            Ok(export) => exports.push((path, export)),
+            Err(e) => {
+                eprintln!("--flows {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let Ok(listen) = listen.parse() else {
+        eprintln!("--listen {listen:?} is not an address like 127.0.0.1:8090");
+        return ExitCode::from(2);
+    };
+    let rate: Rate = match throttle_rate.parse() {
+        Ok(rate) => rate,
+        Err(e) => {
+            eprintln!("--throttle-rate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !(0.0..=1.0).contains(&error_rate) {
+        eprintln!("--error-rate must be between 0.0 and 1.0");
+        return ExitCode::from(2);
+    }
+    let mut settings = SandboxSettings {
+        listen,
+        latency: std::time::Duration::from_millis(latency_ms),
+        error_rate,
+        auto_process,
+        ..SandboxSettings::default()
+    }
+    .with_throttle_rate(rate);
+    if !tokens.is_empty() {
+        settings.tokens = tokens;
+    }
+    let server = match SandboxServer::start(settings).await {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("cannot listen on {listen}: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    for (path, export) in &exports {
+        if let Err(e) = server.sandbox().load_flow_export(export) {
+            eprintln!("--flows {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    }
+    let _ = writeln!(
+        std::io::stdout(),
+        "RapidPro API v2 sandbox listening on {base}/api/v2/\n  token: {token}\n  try: curl -H 'Authorization: Token {token}' {base}/api/v2/workspace.json\n  inspection: {base}/_sandbox/calls, /_sandbox/state, /_sandbox/knobs, POST /_sandbox/reset",
+        base = server.base_url(),
+        token = server.token()
+    );
+    let stop = server.shutdown_token();
+    tokio::spawn(async move {
+        let ctrl_c = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        #[cfg(unix)]
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let terminate = std::future::pending::<()>();
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = terminate => {}
+        }
+        stop.cancel();
+    });
+    match server.wait().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sandbox error: {e}");
             ExitCode::from(1)
         }
     }
