@@ -1,0 +1,223 @@
+//! The contact sync end to end over real HTTP: the FHIR store, the RapidPro
+//! client and the in-process RapidPro sandbox, with iHRIS demo
+//! practitioners (given real Liberian phones where the demo has
+//! placeholders) and an OpenMRS patient.
+
+mod common;
+
+use std::collections::HashMap;
+
+use mhero::cli::import::import_files;
+use mhero::config::Settings;
+use mhero::jobs::contact_sync::ContactSync;
+use mhero::jobs::rapidpro_directory::RapidProDirectory;
+use mhero::pipeline::phone::PhoneNormalizer;
+use mhero::rapidpro::client::RapidProClient;
+use mhero::rapidpro::sandbox::{SandboxServer, SandboxSettings};
+use mhero::rapidpro::throttle::Throttle;
+use mhero::store::FhirStore;
+use mhero::store::sqlite::SqliteStore;
+use serde_json::{Value, json};
+
+async fn client_for(sandbox: &SandboxServer) -> RapidProClient {
+    mhero::install_tls_provider();
+    let env = HashMap::from([
+        (
+            "MHERO__RAPIDPRO__BASE_URL".to_string(),
+            sandbox.base_url().to_string(),
+        ),
+        (
+            "MHERO__RAPIDPRO__TOKEN".to_string(),
+            sandbox.token().to_string(),
+        ),
+    ]);
+    let settings = Settings::load_from(None, Some(env)).unwrap();
+    RapidProClient::from_settings(&settings.rapidpro, Throttle::uniform(1_000_000)).unwrap()
+}
+
+fn contacts(sandbox: &SandboxServer) -> Vec<Value> {
+    sandbox.sandbox().state()["contacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["deleted"] == false)
+        .cloned()
+        .collect()
+}
+
+#[tokio::test]
+async fn ihris_practitioners_become_contacts_once_and_follow_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("fhir.sqlite"))
+        .await
+        .unwrap();
+    let summary = import_files(
+        &store,
+        &[common::fixture_path(
+            "ihris/ihris-demo-practitioners-open.bundle.json",
+        )],
+    )
+    .await;
+    assert!(summary.failed.is_empty(), "{summary}");
+    // The demo has phones only as placeholders: give ten practitioners real Liberian mobiles.
+    let bundle = common::fixture("ihris/ihris-demo-practitioners-open.bundle.json");
+    let practitioners: Vec<String> = bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["resource"]["resourceType"] == "Practitioner")
+        .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
+        .take(10)
+        .collect();
+    for (n, id) in practitioners.iter().enumerate() {
+        let mut p = store.read("Practitioner", id).await.unwrap().resource;
+        p["telecom"] =
+            json!([{ "system": "phone", "use": "mobile", "value": format!("077 000 10{n:02}") }]);
+        store.update("Practitioner", id, p, None).await.unwrap();
+    }
+    let mut patient = common::fixture("openmrs/openmrs-fhir2-patient-example.json");
+    patient["id"] = json!("openmrs-1");
+    patient["telecom"][0]["value"] = json!("0886 555 123");
+    store
+        .update("Patient", "openmrs-1", patient, None)
+        .await
+        .unwrap();
+
+    let sandbox = SandboxServer::start(SandboxSettings::default())
+        .await
+        .unwrap();
+    let directory = RapidProDirectory::new(client_for(&sandbox).await);
+    let phones = PhoneNormalizer::new(Some("LR")).unwrap();
+    let sync = ContactSync {
+        store: &store,
+        directory: &directory,
+        phones: &phones,
+        page_size: 25,
+        progress: indicatif::ProgressBar::hidden(),
+    };
+
+    let first = sync.run_once(false).await.unwrap();
+    assert_eq!(first.created, 11, "{first:?}");
+    assert!(
+        first.failures.is_empty() && first.conflicts.is_empty(),
+        "{first:?}"
+    );
+    let created = contacts(&sandbox);
+    assert_eq!(created.len(), 11);
+    let p0 = created
+        .iter()
+        .find(|c| c["fields"]["globalid"] == practitioners[0].as_str())
+        .expect("globalid field set");
+    assert_eq!(p0["fields"]["mheroentitytype"], "Practitioner");
+    assert_eq!(p0["urns"][0], "tel:+231770001000");
+    let patient_contact = created
+        .iter()
+        .find(|c| c["fields"]["globalid"] == "openmrs-1")
+        .unwrap();
+    assert_eq!(patient_contact["language"], "nld");
+    assert_eq!(patient_contact["name"], "Pieter van de Heuvel");
+    // The contact UUID is written back on the FHIR resource.
+    let stored = store.read("Practitioner", &practitioners[0]).await.unwrap();
+    let identifiers = stored.resource["identifier"].as_array().unwrap();
+    assert!(
+        identifiers
+            .iter()
+            .any(|i| i["system"] == "http://app.rapidpro.io/contact-uuid"
+                && i["value"] == p0["uuid"])
+    );
+
+    // Unchanged people cost zero RapidPro calls.
+    sandbox.sandbox().clear_calls();
+    let second = sync.run_once(true).await.unwrap();
+    assert_eq!(second.unchanged, 11, "{second:?}");
+    assert_eq!(
+        sandbox.sandbox().calls().len(),
+        0,
+        "no RapidPro call for unchanged people"
+    );
+
+    // A phone change replaces the URN on the same contact (one update call).
+    let mut changed = store
+        .read("Practitioner", &practitioners[0])
+        .await
+        .unwrap()
+        .resource;
+    changed["telecom"] = json!([{ "system": "phone", "value": "0555 777 888" }]);
+    store
+        .update("Practitioner", &practitioners[0], changed, None)
+        .await
+        .unwrap();
+    let third = sync.run_once(false).await.unwrap();
+    assert_eq!(third.updated, 1, "{third:?}");
+    let after = contacts(&sandbox);
+    let p0_after = after.iter().find(|c| c["uuid"] == p0["uuid"]).unwrap();
+    assert_eq!(
+        p0_after["urns"],
+        json!(["tel:+231555777888"]),
+        "old URN replaced"
+    );
+    assert_eq!(after.len(), 11, "no duplicate contact");
+
+    // Deactivation blocks the contact in RapidPro.
+    let mut inactive = store
+        .read("Practitioner", &practitioners[1])
+        .await
+        .unwrap()
+        .resource;
+    inactive["active"] = json!(false);
+    store
+        .update("Practitioner", &practitioners[1], inactive, None)
+        .await
+        .unwrap();
+    let fourth = sync.run_once(false).await.unwrap();
+    assert_eq!(fourth.blocked, 1, "{fourth:?}");
+    let blocked = contacts(&sandbox)
+        .into_iter()
+        .find(|c| c["fields"]["globalid"] == practitioners[1].as_str())
+        .unwrap();
+    assert_eq!(blocked["status"], "blocked");
+    sandbox.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_rapidpro_outage_fails_the_pass_and_the_next_pass_catches_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("fhir.sqlite"))
+        .await
+        .unwrap();
+    for n in 0..3 {
+        let p = json!({ "resourceType": "Practitioner", "id": format!("hw{n}"), "name": [{ "text": format!("Worker {n}") }],
+                        "telecom": [{ "system": "phone", "value": format!("077 000 20{n:02}") }] });
+        store
+            .update("Practitioner", &format!("hw{n}"), p, None)
+            .await
+            .unwrap();
+    }
+    let sandbox = SandboxServer::start(SandboxSettings::default())
+        .await
+        .unwrap();
+    let directory = RapidProDirectory::new(client_for(&sandbox).await);
+    let phones = PhoneNormalizer::new(Some("LR")).unwrap();
+    let sync = ContactSync {
+        store: &store,
+        directory: &directory,
+        phones: &phones,
+        page_size: 25,
+        progress: indicatif::ProgressBar::hidden(),
+    };
+
+    sandbox.sandbox().set_error_rate(1.0);
+    let failed = sync.run_once(false).await.unwrap();
+    assert_eq!(failed.created, 0);
+    assert_eq!(failed.failures.len(), 3, "{failed:?}");
+    assert!(contacts(&sandbox).is_empty());
+
+    sandbox.sandbox().set_error_rate(0.0);
+    let recovered = sync.run_once(false).await.unwrap();
+    assert_eq!(
+        recovered.created, 3,
+        "the cursor did not move past the failures: {recovered:?}"
+    );
+    assert_eq!(contacts(&sandbox).len(), 3);
+    sandbox.shutdown().await;
+}
