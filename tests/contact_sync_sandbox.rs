@@ -176,7 +176,7 @@ async fn ihris_practitioners_become_contacts_once_and_follow_changes() {
         .find(|c| c["fields"]["globalid"] == practitioners[1].as_str())
         .unwrap();
     assert_eq!(blocked["status"], "blocked");
-    sandbox.shutdown().await;
+    sandbox.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -219,5 +219,5 @@ async fn a_rapidpro_outage_fails_the_pass_and_the_next_pass_catches_up() {
         "the cursor did not move past the failures: {recovered:?}"
     );
     assert_eq!(contacts(&sandbox).len(), 3);
-    sandbox.shutdown().await;
+    sandbox.shutdown().await.unwrap();
 }
