@@ -8,4 +8,5 @@ pub mod contact_status;
 pub mod contact_sync;
 pub mod contact_writeback;
 pub mod cursor;
+pub mod group_sync;
 pub mod rapidpro_directory;

@@ -1,0 +1,1 @@
+//! FHIR Group <-> RapidPro group sync.
