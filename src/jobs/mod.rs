@@ -5,6 +5,7 @@
 //! dispatch and reconcile jobs follow.
 
 pub mod contact_status;
+pub mod contact_status_poll;
 pub mod contact_sync;
 pub mod contact_writeback;
 pub mod cursor;

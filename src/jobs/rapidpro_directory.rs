@@ -20,6 +20,26 @@ use crate::rapidpro::types::{
 pub const GLOBAL_ID_FIELD: &str = "globalid";
 pub const ENTITY_TYPE_FIELD: &str = "mheroentitytype";
 
+/// Create the connector's contact fields in RapidPro if they are missing.
+pub async fn ensure_contact_fields(client: &RapidProClient) -> Result<(), SyncError> {
+    for key in [GLOBAL_ID_FIELD, ENTITY_TYPE_FIELD] {
+        let existing = client
+            .fields(Some(key))
+            .next()
+            .await
+            .transpose()
+            .map_err(rapidpro_error)?;
+        if existing.is_none() {
+            let field = FieldWrite {
+                name: key.to_string(),
+                field_type: FieldType::Text,
+            };
+            client.create_field(&field).await.map_err(rapidpro_error)?;
+        }
+    }
+    Ok(())
+}
+
 pub struct RapidProDirectory {
     client: RapidProClient,
     fields_ready: OnceCell<()>,
