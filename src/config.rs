@@ -158,6 +158,10 @@ pub struct RapidProSettings {
     /// Longest `Retry-After` (seconds) a request waits out before retrying;
     /// a longer one is returned as a throttling error.
     pub max_throttle_wait_secs: u64,
+    /// Seconds between contact sync passes in `serve`.
+    pub contact_sync_interval_secs: u64,
+    /// Overlap window of the RapidPro -> FHIR contact poll.
+    pub contact_poll_overlap_secs: u64,
     /// Client-side request budget per RapidPro throttle scope.
     pub rate_per_hour: RapidProRates,
 }
@@ -295,6 +299,11 @@ impl Settings {
                     "rapidpro.rate_per_hour.{name} must be at least 1"
                 )));
             }
+        }
+        if self.rapidpro.contact_sync_interval_secs == 0 {
+            return Err(ConfigError(
+                "rapidpro.contact_sync_interval_secs must be at least 1".into(),
+            ));
         }
         if self.server.max_body_bytes == 0 {
             return Err(ConfigError(

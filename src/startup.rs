@@ -8,9 +8,16 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::api::{self, AppState};
 use crate::config::{ConfigError, Settings};
+use crate::jobs::contact_sync::ContactSyncJob;
+use crate::jobs::rapidpro_directory::RapidProDirectory;
+use crate::jobs::runner::{self, Nudge};
+use crate::pipeline::phone::PhoneNormalizer;
+use crate::rapidpro::client::RapidProClient;
+use crate::rapidpro::throttle::Throttle;
 use crate::store::metered::MeteredStore;
 use crate::store::{SharedStore, StoreError, open_store};
 
@@ -32,6 +39,40 @@ pub struct Application {
     address: SocketAddr,
     state: AppState,
     shutdown: CancellationToken,
+    /// The contact sync, when RapidPro is configured.
+    contact_sync: Option<(Arc<ContactSyncJob>, Nudge)>,
+}
+
+/// The contact sync job, if `rapidpro.base_url` and `rapidpro.token` are set.
+fn contact_sync_job(
+    settings: &Settings,
+    store: &SharedStore,
+) -> Result<Option<ContactSyncJob>, StartupError> {
+    let rapidpro = &settings.rapidpro;
+    if rapidpro.base_url.is_none() || rapidpro.token.is_none() {
+        tracing::warn!(
+            "rapidpro.base_url or rapidpro.token is not set: contact sync and sending are paused"
+        );
+        return Ok(None);
+    }
+    let phones = PhoneNormalizer::new(settings.phone.default_country.as_deref())
+        .map_err(|e| ConfigError(format!("phone.default_country: {e}")))?;
+    crate::install_tls_provider();
+    let throttle = Throttle::new(&rapidpro.rate_per_hour);
+    let client = RapidProClient::from_settings(rapidpro, throttle.clone())
+        .map_err(|e| ConfigError(e.to_string()))?;
+    let directory = RapidProDirectory::new(
+        RapidProClient::from_settings(rapidpro, throttle)
+            .map_err(|e| ConfigError(e.to_string()))?,
+    );
+    Ok(Some(ContactSyncJob {
+        store: Arc::clone(store),
+        client,
+        directory,
+        phones,
+        import_unknown_contacts: rapidpro.import_unknown_contacts,
+        poll_overlap: chrono::Duration::seconds(rapidpro.contact_poll_overlap_secs as i64),
+    }))
 }
 
 impl Application {
@@ -59,17 +100,22 @@ impl Application {
             Some(url) => url.as_str().trim_end_matches('/').to_string(),
             None => format!("http://{address}"),
         };
+        let store: SharedStore = Arc::new(MeteredStore::new(store));
+        let contact_sync =
+            contact_sync_job(&settings, &store)?.map(|job| (Arc::new(job), Nudge::default()));
         let state = AppState {
-            store: Arc::new(MeteredStore::new(store)),
+            store,
             settings: Arc::new(settings),
             fhir_base: format!("{public_base}/fhir"),
             metrics: api::metrics::prometheus_handle(),
+            contact_sync: contact_sync.as_ref().map(|(_, nudge)| nudge.clone()),
         };
         Ok(Application {
             listener,
             address,
             state,
             shutdown: CancellationToken::new(),
+            contact_sync,
         })
     }
 
@@ -104,6 +150,13 @@ impl Application {
             }
         });
         tracing::info!(address = %self.address, fhir_base = %self.state.fhir_base, backend = self.state.store.backend_name(), "mHero connector listening");
+        let jobs = TaskTracker::new();
+        if let Some((job, nudge)) = self.contact_sync {
+            let interval =
+                Duration::from_secs(self.state.settings.rapidpro.contact_sync_interval_secs);
+            runner::spawn(job, interval, nudge, token.clone(), &jobs);
+        }
+        jobs.close();
         let router = api::router(self.state);
         let drain_token = token.clone();
         let server = axum::serve(self.listener, router)

@@ -34,6 +34,7 @@ fn harness() -> Harness {
         settings: Arc::new(settings),
         fhir_base: "http://localhost/fhir".into(),
         metrics: mhero::api::metrics::prometheus_handle(),
+        contact_sync: None,
     };
     Harness {
         runtime,

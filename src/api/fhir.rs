@@ -43,6 +43,10 @@ pub fn routes(state: AppState) -> Router {
         )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
+            nudge_contact_sync,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
             super::auth::require_api_key,
         ));
     Router::new()
@@ -50,6 +54,39 @@ pub fn routes(state: AppState) -> Router {
         .merge(protected)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+}
+
+/// A successful write of a person (or a Bundle, which may hold people)
+/// starts a contact sync pass now instead of at the next interval.
+async fn nudge_contact_sync(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: middleware::Next,
+) -> Response {
+    let is_write = matches!(
+        *request.method(),
+        axum::http::Method::POST | axum::http::Method::PUT | axum::http::Method::DELETE
+    );
+    let segment = request
+        .uri()
+        .path()
+        .trim_start_matches("/fhir")
+        .trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let response = next.run(request).await;
+    let touches_people =
+        segment.is_empty() || crate::pipeline::contact::PERSON_TYPES.contains(&segment.as_str());
+    if is_write
+        && touches_people
+        && response.status().is_success()
+        && let Some(nudge) = &state.contact_sync
+    {
+        nudge.nudge();
+    }
+    response
 }
 
 pub async fn unknown_route(uri: axum::http::Uri) -> ApiError {

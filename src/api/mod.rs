@@ -31,6 +31,8 @@ pub struct AppState {
     /// Absolute base of the FHIR API, e.g. `http://127.0.0.1:8080/fhir`.
     pub fhir_base: String,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// Starts a contact sync pass now (set when RapidPro is configured).
+    pub contact_sync: Option<crate::jobs::runner::Nudge>,
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

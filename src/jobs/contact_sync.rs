@@ -235,3 +235,58 @@ impl ContactSync<'_> {
         Ok(report)
     }
 }
+
+/// The contact sync as a background job of `mhero serve`: FHIR -> RapidPro,
+/// then RapidPro -> FHIR statuses.
+pub struct ContactSyncJob {
+    pub store: crate::store::SharedStore,
+    pub client: crate::rapidpro::client::RapidProClient,
+    pub directory: super::rapidpro_directory::RapidProDirectory,
+    pub phones: PhoneNormalizer,
+    pub import_unknown_contacts: bool,
+    pub poll_overlap: chrono::Duration,
+}
+
+#[async_trait]
+impl super::runner::Job for ContactSyncJob {
+    fn name(&self) -> &'static str {
+        "contact-sync"
+    }
+
+    async fn run_once(&self) -> Result<String, String> {
+        let sync = ContactSync {
+            store: self.store.as_ref(),
+            directory: &self.directory,
+            phones: &self.phones,
+            page_size: 100,
+            progress: indicatif::ProgressBar::hidden(),
+        };
+        let pushed = sync.run_once(false).await.map_err(|e| e.to_string())?;
+        let poll = super::contact_status_poll::ContactStatusPoll {
+            store: self.store.as_ref(),
+            client: &self.client,
+            import_unknown_contacts: self.import_unknown_contacts,
+            overlap: self.poll_overlap,
+        };
+        let pulled = poll.run_once().await.map_err(|e| e.to_string())?;
+        let summary = format!(
+            "to RapidPro: {} created, {} updated, {} blocked, {} unchanged, {} conflicts, {} failed; from RapidPro: {} contacts read, {} consent changes, {} imported",
+            pushed.created,
+            pushed.updated,
+            pushed.blocked,
+            pushed.unchanged,
+            pushed.conflicts.len(),
+            pushed.failures.len(),
+            pulled.examined,
+            pulled.consent_changes,
+            pulled.imported
+        );
+        if pushed.failures.is_empty() && pulled.failures.is_empty() {
+            Ok(summary)
+        } else {
+            let mut failures = pushed.failures;
+            failures.extend(pulled.failures);
+            Err(format!("{summary}; first failure: {}", failures[0]))
+        }
+    }
+}

@@ -11,3 +11,4 @@ pub mod contact_writeback;
 pub mod cursor;
 pub mod group_sync;
 pub mod rapidpro_directory;
+pub mod runner;
