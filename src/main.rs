@@ -175,6 +175,20 @@ async fn demo(mut settings: Settings, data: PathBuf) -> ExitCode {
         eprintln!("cannot load the demo data: {e}");
         return ExitCode::from(1);
     }
+    // The RapidPro sandbox, in-process, unless a real workspace is configured.
+    let sandbox = if settings.rapidpro.base_url.is_none() {
+        let sandbox = match mhero::cli::demo::start_sandbox().await {
+            Ok(sandbox) => sandbox,
+            Err(e) => {
+                eprintln!("cannot start the RapidPro sandbox: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        mhero::cli::demo::point_at_sandbox(&mut settings, &sandbox);
+        Some(sandbox)
+    } else {
+        None
+    };
     let app = match Application::build_with_store(settings, store).await {
         Ok(app) => app,
         Err(e) => {
@@ -186,7 +200,7 @@ async fn demo(mut settings: Settings, data: PathBuf) -> ExitCode {
     let _ = writeln!(
         std::io::stdout(),
         "{}",
-        mhero::cli::demo::banner(app.fhir_base())
+        mhero::cli::demo::banner(app.fhir_base(), sandbox.as_ref())
     );
     match app.run_until_stopped().await {
         Ok(()) => ExitCode::SUCCESS,

@@ -149,6 +149,15 @@ fn demo_serves_sample_data_and_stops_gracefully_on_sigterm() {
                 .map(|url| url.trim().to_string())
         })
         .expect("the demo prints its FHIR base");
+    let sandbox_line = lines
+        .by_ref()
+        .find(|line| line.contains("RapidPro sandbox:"))
+        .expect("the demo runs the RapidPro sandbox");
+    let sandbox_url = sandbox_line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap()
+        .to_string();
     // Keep reading the rest so the demo's stdout stays open.
     let drain = std::thread::spawn(move || lines.count());
 
@@ -165,6 +174,20 @@ fn demo_serves_sample_data_and_stops_gracefully_on_sigterm() {
         bundle["total"].as_u64()
     });
     assert_eq!(total, Some(mhero::cli::demo::DEMO_PRACTITIONERS as u64));
+    let workspace = runtime.block_on(async {
+        let client = reqwest::Client::new();
+        let response = client
+            .get(format!("{sandbox_url}/api/v2/workspace.json"))
+            .header("Authorization", "Token sandbox-token")
+            .send()
+            .await
+            .unwrap();
+        response.status()
+    });
+    assert!(
+        workspace.is_success(),
+        "the sandbox answers with the printed token"
+    );
 
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -174,4 +197,43 @@ fn demo_serves_sample_data_and_stops_gracefully_on_sigterm() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "SIGTERM is a graceful stop");
     drain.join().unwrap();
+}
+
+#[test]
+fn check_reaches_rapidpro_and_names_a_bad_token() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let sandbox = runtime
+        .block_on(mhero::rapidpro::sandbox::SandboxServer::start(
+            Default::default(),
+        ))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |token: &str| {
+        mhero(&dir)
+            .arg("check")
+            .env("MHERO__RAPIDPRO__BASE_URL", sandbox.base_url())
+            .env("MHERO__RAPIDPRO__TOKEN", token)
+            .env("MHERO__RAPIDPRO__MAX_RETRIES", "0")
+            .output()
+            .unwrap()
+    };
+    let ok = run("sandbox-token");
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("rapidpro (") && stdout.contains(": ok: workspace"),
+        "{stdout}"
+    );
+    let bad = run("wrong-token");
+    let stdout = String::from_utf8_lossy(&bad.stdout);
+    assert_eq!(bad.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("rapidpro (") && stdout.contains("FAILED"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("wrong-token"),
+        "the token is never printed"
+    );
+    runtime.block_on(sandbox.shutdown()).unwrap();
 }

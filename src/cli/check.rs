@@ -2,6 +2,8 @@
 //! backend, one line each; the caller exits non-zero if any fails.
 
 use crate::config::{IndexBackendKind, Settings};
+use crate::rapidpro::client::RapidProClient;
+use crate::rapidpro::throttle::Throttle;
 use crate::store::open_store;
 
 /// One line of the report.
@@ -45,17 +47,47 @@ pub async fn check_backends(settings: &Settings) -> Vec<CheckLine> {
         ok: true,
         detail: "not checked yet: the contact index is not built in this version".into(),
     });
-    lines.push(match &settings.rapidpro.base_url {
-        None => CheckLine {
+    lines.push(check_rapidpro(settings).await);
+    lines
+}
+
+async fn check_rapidpro(settings: &Settings) -> CheckLine {
+    let Some(url) = &settings.rapidpro.base_url else {
+        return CheckLine {
             backend: "rapidpro".into(),
             ok: true,
             detail: "not configured (rapidpro.base_url is unset): sending is paused".into(),
-        },
-        Some(url) => CheckLine {
-            backend: format!("rapidpro ({url})"),
+        };
+    };
+    let backend = format!("rapidpro ({url})");
+    crate::install_tls_provider();
+    let client = match RapidProClient::from_settings(
+        &settings.rapidpro,
+        Throttle::new(&settings.rapidpro.rate_per_hour),
+    ) {
+        Ok(client) => client,
+        Err(e) => {
+            return CheckLine {
+                backend,
+                ok: false,
+                detail: e.to_string(),
+            };
+        }
+    };
+    match client.workspace().await {
+        Ok(workspace) => CheckLine {
+            backend,
             ok: true,
-            detail: "not checked yet: the RapidPro client is not built in this version".into(),
+            detail: format!(
+                "workspace \"{}\" (country {})",
+                workspace.name,
+                workspace.country.as_deref().unwrap_or("unset")
+            ),
         },
-    });
-    lines
+        Err(e) => CheckLine {
+            backend,
+            ok: false,
+            detail: crate::telemetry::redact_phones(&e.to_string()),
+        },
+    }
 }
