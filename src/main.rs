@@ -342,9 +342,9 @@ async fn import(settings: Settings, files: Vec<PathBuf>) -> ExitCode {
 
 async fn sync_contacts(settings: Settings, full: bool) -> ExitCode {
     match mhero::cli::sync::sync_contacts(&settings, full).await {
-        Ok(report) => {
-            print!("{report}");
-            if report.failures.is_empty() {
+        Ok((pushed, pulled)) => {
+            print!("{pushed}{pulled}");
+            if pushed.failures.is_empty() && pulled.failures.is_empty() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)

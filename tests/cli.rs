@@ -237,3 +237,55 @@ fn check_reaches_rapidpro_and_names_a_bad_token() {
     );
     runtime.block_on(sandbox.shutdown()).unwrap();
 }
+
+#[test]
+fn sync_contacts_pushes_people_to_rapidpro_and_needs_it_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let people = dir.path().join("people.ndjson");
+    std::fs::write(
+        &people,
+        "{\"resourceType\":\"Practitioner\",\"id\":\"hw1\",\"name\":[{\"text\":\"Musu Flomo\"}],\"telecom\":[{\"system\":\"phone\",\"value\":\"077 000 5001\"}]}\n",
+    )
+    .unwrap();
+    assert!(
+        mhero(&dir)
+            .arg("import")
+            .arg(&people)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+
+    let unconfigured = mhero(&dir).args(["sync", "contacts"]).output().unwrap();
+    assert_eq!(unconfigured.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unconfigured.stderr).contains("rapidpro.base_url"));
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let sandbox = runtime
+        .block_on(mhero::rapidpro::sandbox::SandboxServer::start(
+            Default::default(),
+        ))
+        .unwrap();
+    let output = mhero(&dir)
+        .args(["sync", "contacts"])
+        .env("MHERO__RAPIDPRO__BASE_URL", sandbox.base_url())
+        .env("MHERO__RAPIDPRO__TOKEN", sandbox.token())
+        .env("MHERO__PHONE__DEFAULT_COUNTRY", "LR")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("1 created"), "{stdout}");
+    assert!(
+        stdout.contains("from RapidPro: 1 contacts read"),
+        "{stdout}"
+    );
+    let state = sandbox.sandbox().state();
+    assert_eq!(state["contacts"][0]["urns"][0], "tel:+231770005001");
+    runtime.block_on(sandbox.shutdown()).unwrap();
+}

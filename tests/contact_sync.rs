@@ -276,3 +276,47 @@ async fn an_operators_block_is_never_undone() {
             .any(|c| c.starts_with("unblock"))
     );
 }
+
+#[tokio::test]
+async fn a_deleted_person_has_the_contact_blocked_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("fhir.sqlite"))
+        .await
+        .unwrap();
+    store
+        .update(
+            "Practitioner",
+            "gone",
+            person("gone", Some("0770123456")),
+            None,
+        )
+        .await
+        .unwrap();
+    let directory = FakeDirectory::default();
+    let phones = PhoneNormalizer::new(Some("LR")).unwrap();
+    let sync = ContactSync {
+        store: &store,
+        directory: &directory,
+        phones: &phones,
+        page_size: 50,
+        progress: indicatif::ProgressBar::hidden(),
+    };
+    assert_eq!(sync.run_once(false).await.unwrap().created, 1);
+    let uuid = directory
+        .contacts
+        .lock()
+        .unwrap()
+        .keys()
+        .next()
+        .unwrap()
+        .clone();
+    store.delete("Practitioner", "gone", None).await.unwrap();
+    let report = sync.run_once(false).await.unwrap();
+    assert_eq!(report.blocked, 1, "{report:?}");
+    assert!(
+        directory.contacts.lock().unwrap()[&uuid].2,
+        "blocked in RapidPro"
+    );
+    let again = sync.run_once(false).await.unwrap();
+    assert_eq!(again.blocked, 0, "a delete is handled once: {again:?}");
+}

@@ -1,11 +1,12 @@
-//! `mhero sync contacts [--full]`: one FHIR -> RapidPro contact sync pass
-//! now, with a progress bar on a terminal and a summary.
+//! `mhero sync contacts [--full]`: one contact sync pass now in both
+//! directions, with a progress bar on a terminal and a summary.
 
 use std::io::IsTerminal;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::Settings;
+use crate::jobs::contact_status_poll::{ContactStatusPoll, StatusPollReport};
 use crate::jobs::contact_sync::{ContactSync, SyncReport};
 use crate::jobs::rapidpro_directory::RapidProDirectory;
 use crate::pipeline::phone::PhoneNormalizer;
@@ -24,10 +25,11 @@ pub enum SyncCommandError {
     Runtime(String),
 }
 
+/// Both directions: FHIR -> RapidPro, then RapidPro -> FHIR statuses.
 pub async fn sync_contacts(
     settings: &Settings,
     full: bool,
-) -> Result<SyncReport, SyncCommandError> {
+) -> Result<(SyncReport, StatusPollReport), SyncCommandError> {
     let phones = PhoneNormalizer::new(settings.phone.default_country.as_deref())
         .map_err(|e| SyncCommandError::Config(format!("phone.default_country: {e}")))?;
     crate::install_tls_provider();
@@ -36,7 +38,7 @@ pub async fn sync_contacts(
         Throttle::new(&settings.rapidpro.rate_per_hour),
     )
     .map_err(|e| SyncCommandError::Config(e.to_string()))?;
-    let directory = RapidProDirectory::new(client);
+    let directory = RapidProDirectory::new(client.clone());
     let store = open_store(&settings.fhir)
         .await
         .map_err(|e| SyncCommandError::Runtime(e.to_string()))?;
@@ -57,19 +59,49 @@ pub async fn sync_contacts(
         page_size: 100,
         progress: progress.clone(),
     };
-    let report = sync
+    let pushed = sync
         .run_once(full)
         .await
         .map_err(|e| SyncCommandError::Runtime(e.to_string()));
     progress.finish_and_clear();
-    report
+    let pushed = pushed?;
+    let poll = ContactStatusPoll {
+        store: store.as_ref(),
+        client: &client,
+        import_unknown_contacts: settings.rapidpro.import_unknown_contacts,
+        overlap: chrono::Duration::seconds(settings.rapidpro.contact_poll_overlap_secs as i64),
+    };
+    let pulled = poll
+        .run_once()
+        .await
+        .map_err(|e| SyncCommandError::Runtime(e.to_string()))?;
+    Ok((pushed, pulled))
+}
+
+impl std::fmt::Display for StatusPollReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "from RapidPro: {} contacts read, {} consent changes, {} unknown to FHIR ({} imported), {} naming a missing person, {} failed",
+            self.examined,
+            self.consent_changes,
+            self.unknown,
+            self.imported,
+            self.missing_people,
+            self.failures.len()
+        )?;
+        for failure in &self.failures {
+            writeln!(f, "  failed: {failure}")?;
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Display for SyncReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "contacts: {} people examined: {} created, {} updated, {} unchanged, {} blocked (inactive), {} without a usable phone, {} conflicts, {} failed",
+            "to RapidPro: {} people examined: {} created, {} updated, {} unchanged, {} blocked (inactive), {} without a usable phone, {} conflicts, {} failed",
             self.examined,
             self.created,
             self.updated,

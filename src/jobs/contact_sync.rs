@@ -13,7 +13,7 @@ use super::contact_writeback::{
 use super::cursor::Cursor;
 use crate::pipeline::contact::{ContactDraft, PERSON_TYPES, draft};
 use crate::pipeline::phone::PhoneNormalizer;
-use crate::store::{FhirStore, SearchRequest, StoreError};
+use crate::store::{FhirStore, HistoryMethod, HistoryRequest, SearchRequest, StoreError};
 
 /// A RapidPro contact as the sync needs to see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -231,8 +231,104 @@ impl ContactSync<'_> {
                     _ => break,
                 }
             }
+            self.block_deleted(resource_type, full, &mut report).await?;
         }
         Ok(report)
+    }
+
+    /// People deleted in FHIR since the deletions cursor: their contacts are
+    /// blocked (as for `active = false`), found through the UUID written
+    /// back on the last version before the delete.
+    async fn block_deleted(
+        &self,
+        resource_type: &str,
+        full: bool,
+        report: &mut SyncReport,
+    ) -> Result<(), SyncError> {
+        let mut cursor = Cursor::load(
+            self.store,
+            &format!("contacts-deleted-{}", resource_type.to_ascii_lowercase()),
+        )
+        .await?;
+        let since = if full {
+            None
+        } else {
+            cursor
+                .position
+                .as_deref()
+                .and_then(|p| chrono::DateTime::parse_from_rfc3339(p).ok())
+        };
+        let mut deletes = Vec::new();
+        let mut newest_seen: Option<chrono::DateTime<chrono::Utc>> = None;
+        let mut page_cursor = None;
+        loop {
+            let page = self
+                .store
+                .history(HistoryRequest {
+                    resource_type: Some(resource_type.to_string()),
+                    id: None,
+                    since: since.map(|s| s.with_timezone(&chrono::Utc)),
+                    count: Some(self.page_size.max(1)),
+                    cursor: page_cursor,
+                })
+                .await?;
+            if newest_seen.is_none() {
+                // History is newest first.
+                newest_seen = page.entries.first().map(|e| e.last_updated);
+            }
+            deletes.extend(
+                page.entries
+                    .into_iter()
+                    .filter(|e| e.method == HistoryMethod::Delete),
+            );
+            match page.next_cursor {
+                Some(next) => page_cursor = Some(next),
+                None => break,
+            }
+        }
+        // Oldest first, so the cursor can follow.
+        deletes.reverse();
+        for deleted in deletes {
+            let before: u64 = deleted.version_id.parse().unwrap_or(0);
+            let previous = match before.checked_sub(1).filter(|v| *v > 0) {
+                Some(version) => self
+                    .store
+                    .vread(resource_type, &deleted.id, &version.to_string())
+                    .await
+                    .ok(),
+                None => None,
+            };
+            let uuid = previous
+                .as_ref()
+                .and_then(|p| draft(&p.resource, self.phones).contact_uuid);
+            if let Some(uuid) = uuid {
+                match self.directory.find_by_uuid(&uuid).await {
+                    Ok(Some(remote)) if !remote.blocked => {
+                        match self.directory.block(&uuid).await {
+                            Ok(()) => report.blocked += 1,
+                            Err(e) => report
+                                .failures
+                                .push(format!("{resource_type}/{} (deleted): {e}", deleted.id)),
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => report
+                        .failures
+                        .push(format!("{resource_type}/{} (deleted): {e}", deleted.id)),
+                }
+            }
+            if !report.failures.is_empty() {
+                // This delete is tried again next pass.
+                return Ok(());
+            }
+        }
+        // Everything up to the newest version seen is handled.
+        if let Some(newest) = newest_seen {
+            cursor
+                .advance(self.store, &crate::fhir::format_instant(&newest))
+                .await?;
+        }
+        Ok(())
     }
 }
 
