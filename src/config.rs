@@ -158,6 +158,9 @@ pub struct RapidProSettings {
     /// Longest `Retry-After` (seconds) a request waits out before retrying;
     /// a longer one is returned as a throttling error.
     pub max_throttle_wait_secs: u64,
+    /// Extra contact fields derived from the person's work (see
+    /// `pipeline::work_context::KNOWN_FIELDS`).
+    pub extra_fields: Vec<String>,
     /// Seconds between contact sync passes in `serve`.
     pub contact_sync_interval_secs: u64,
     /// Overlap window of the RapidPro -> FHIR contact poll.
@@ -247,6 +250,7 @@ impl Settings {
             .separator("__")
             .list_separator(",")
             .with_list_parse_key("auth.api_keys")
+            .with_list_parse_key("rapidpro.extra_fields")
             .try_parsing(true)
             .source(env);
         builder = builder.add_source(environment);
@@ -299,6 +303,17 @@ impl Settings {
                     "rapidpro.rate_per_hour.{name} must be at least 1"
                 )));
             }
+        }
+        if let Some(unknown) = self
+            .rapidpro
+            .extra_fields
+            .iter()
+            .find(|f| !crate::pipeline::work_context::KNOWN_FIELDS.contains(&f.as_str()))
+        {
+            return Err(ConfigError(format!(
+                "rapidpro.extra_fields: unknown field {unknown:?}; known: {}",
+                crate::pipeline::work_context::KNOWN_FIELDS.join(", ")
+            )));
         }
         if self.rapidpro.contact_sync_interval_secs == 0 {
             return Err(ConfigError(
@@ -452,6 +467,22 @@ mod tests {
         let err =
             Settings::load_from(None, env(&[("MHERO__SERVER__LISTEN", "nowhere")])).unwrap_err();
         assert!(err.to_string().contains("server.listen"), "{err}");
+    }
+
+    #[test]
+    fn extra_contact_fields_are_checked_by_name() {
+        let s = Settings::load_from(
+            None,
+            env(&[("MHERO__RAPIDPRO__EXTRA_FIELDS", "job,district")]),
+        )
+        .unwrap();
+        assert_eq!(s.rapidpro.extra_fields, vec!["job", "district"]);
+        let err = Settings::load_from(
+            None,
+            env(&[("MHERO__RAPIDPRO__EXTRA_FIELDS", "job,shoe_size")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("shoe_size"), "{err}");
     }
 
     #[test]

@@ -59,12 +59,10 @@ fn contact_sync_job(
         .map_err(|e| ConfigError(format!("phone.default_country: {e}")))?;
     crate::install_tls_provider();
     let throttle = Throttle::new(&rapidpro.rate_per_hour);
-    let client = RapidProClient::from_settings(rapidpro, throttle.clone())
+    let client = RapidProClient::from_settings(rapidpro, throttle)
         .map_err(|e| ConfigError(e.to_string()))?;
-    let directory = RapidProDirectory::new(
-        RapidProClient::from_settings(rapidpro, throttle)
-            .map_err(|e| ConfigError(e.to_string()))?,
-    );
+    let directory =
+        RapidProDirectory::new(client.clone()).with_extra_fields(rapidpro.extra_fields.clone());
     Ok(Some(ContactSyncJob {
         store: Arc::clone(store),
         client,

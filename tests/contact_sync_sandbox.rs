@@ -221,3 +221,64 @@ async fn a_rapidpro_outage_fails_the_pass_and_the_next_pass_catches_up() {
     assert_eq!(contacts(&sandbox).len(), 3);
     sandbox.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn extra_fields_carry_job_facility_district_and_region_from_ihris() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("fhir.sqlite"))
+        .await
+        .unwrap();
+    let files = [
+        common::fixture_path("ihris/ihris-demo-locations-open.bundle.json"),
+        common::fixture_path("ihris/ihris-demo-practitioners-open.bundle.json"),
+    ];
+    assert!(import_files(&store, &files).await.failed.is_empty());
+    // PR10188: Medical Doctor at TF.N.BRB.14 (North region). Give its practitioner a phone.
+    let mut doctor = store.read("Practitioner", "P10187").await.unwrap().resource;
+    doctor["telecom"] = json!([{ "system": "phone", "value": "077 000 6001" }]);
+    store
+        .update("Practitioner", "P10187", doctor, None)
+        .await
+        .unwrap();
+    let facility = store
+        .read("Location", "TF.N.BRB.14")
+        .await
+        .unwrap()
+        .resource;
+    let district = store
+        .read(
+            "Location",
+            facility["partOf"]["reference"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("Location/"),
+        )
+        .await
+        .unwrap()
+        .resource;
+
+    let sandbox = SandboxServer::start(SandboxSettings::default())
+        .await
+        .unwrap();
+    let wanted: Vec<String> = ["job", "facility", "district", "region"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let directory = RapidProDirectory::new(client_for(&sandbox).await).with_extra_fields(wanted);
+    let phones = PhoneNormalizer::new(Some("LR")).unwrap();
+    let sync = ContactSync {
+        store: &store,
+        directory: &directory,
+        phones: &phones,
+        page_size: 100,
+        progress: indicatif::ProgressBar::hidden(),
+    };
+    let report = sync.run_once(false).await.unwrap();
+    assert_eq!(report.created, 1, "{report:?}");
+    let contact = contacts(&sandbox).into_iter().next().unwrap();
+    assert_eq!(contact["fields"]["job"], "Medical Doctor");
+    assert_eq!(contact["fields"]["facility"], facility["name"]);
+    assert_eq!(contact["fields"]["district"], district["name"]);
+    assert_eq!(contact["fields"]["region"], "North");
+    sandbox.shutdown().await.unwrap();
+}

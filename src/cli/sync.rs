@@ -38,7 +38,8 @@ pub async fn sync_contacts(
         Throttle::new(&settings.rapidpro.rate_per_hour),
     )
     .map_err(|e| SyncCommandError::Config(e.to_string()))?;
-    let directory = RapidProDirectory::new(client.clone());
+    let directory = RapidProDirectory::new(client.clone())
+        .with_extra_fields(settings.rapidpro.extra_fields.clone());
     let store = open_store(&settings.fhir)
         .await
         .map_err(|e| SyncCommandError::Runtime(e.to_string()))?;

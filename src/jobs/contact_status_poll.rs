@@ -113,7 +113,7 @@ impl ContactStatusPoll<'_> {
             report.unknown += 1;
             if self.import_unknown_contacts && contact.status.is_some() {
                 if !*fields_ready {
-                    ensure_contact_fields(self.client)
+                    ensure_contact_fields(self.client, &[])
                         .await
                         .map_err(|e| e.to_string())?;
                     *fields_ready = true;

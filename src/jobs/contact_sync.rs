@@ -48,6 +48,10 @@ pub trait ContactDirectory: Send + Sync {
     /// The person is active again: `unblock` (group memberships come back
     /// through the group sync).
     async fn unblock(&self, uuid: &str) -> Result<(), SyncError>;
+    /// Extra contact fields to derive and send (`job`, `facility`, ...).
+    fn extra_fields(&self) -> &[String] {
+        &[]
+    }
 }
 
 /// What happened to one person.
@@ -85,7 +89,14 @@ pub async fn sync_person(
     phones: &PhoneNormalizer,
     resource: &serde_json::Value,
 ) -> Result<PersonOutcome, SyncError> {
-    let contact = draft(resource, phones);
+    let mut contact = draft(resource, phones);
+    crate::pipeline::work_context::enrich(
+        store,
+        &mut contact,
+        directory.extra_fields(),
+        &mut Default::default(),
+    )
+    .await?;
     for rejected in &contact.rejected_phones {
         metrics::counter!("contact_sync_invalid_phones_total", "resource_type" => contact.entity_type.clone()).increment(1);
         tracing::warn!(person = %format!("{}/{}", contact.entity_type, contact.global_id), reason = %rejected, "phone number not usable; not sent to RapidPro");

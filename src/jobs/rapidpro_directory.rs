@@ -20,9 +20,16 @@ use crate::rapidpro::types::{
 pub const GLOBAL_ID_FIELD: &str = "globalid";
 pub const ENTITY_TYPE_FIELD: &str = "mheroentitytype";
 
-/// Create the connector's contact fields in RapidPro if they are missing.
-pub async fn ensure_contact_fields(client: &RapidProClient) -> Result<(), SyncError> {
-    for key in [GLOBAL_ID_FIELD, ENTITY_TYPE_FIELD] {
+/// Create the connector's contact fields (and the `extra` ones) in
+/// RapidPro if they are missing.
+pub async fn ensure_contact_fields(
+    client: &RapidProClient,
+    extra: &[String],
+) -> Result<(), SyncError> {
+    let keys = [GLOBAL_ID_FIELD, ENTITY_TYPE_FIELD]
+        .into_iter()
+        .chain(extra.iter().map(String::as_str));
+    for key in keys {
         let existing = client
             .fields(Some(key))
             .next()
@@ -43,6 +50,7 @@ pub async fn ensure_contact_fields(client: &RapidProClient) -> Result<(), SyncEr
 pub struct RapidProDirectory {
     client: RapidProClient,
     fields_ready: OnceCell<()>,
+    extra_fields: Vec<String>,
 }
 
 fn rapidpro_error(error: RapidProError) -> SyncError {
@@ -60,13 +68,16 @@ fn remote(contact: Contact) -> RemoteContact {
 }
 
 fn contact_write(draft: &ContactDraft) -> ContactWrite {
-    let fields = BTreeMap::from([
+    let mut fields = BTreeMap::from([
         (GLOBAL_ID_FIELD.to_string(), Some(draft.global_id.clone())),
         (
             ENTITY_TYPE_FIELD.to_string(),
             Some(draft.entity_type.clone()),
         ),
     ]);
+    for (key, value) in &draft.extra_fields {
+        fields.insert(key.clone(), Some(value.clone()));
+    }
     ContactWrite {
         name: draft.name.clone(),
         language: draft.language.clone(),
@@ -82,33 +93,19 @@ impl RapidProDirectory {
         RapidProDirectory {
             client,
             fields_ready: OnceCell::new(),
+            extra_fields: Vec::new(),
         }
+    }
+
+    /// Also derive and send these contact fields (see `pipeline::work_context`).
+    pub fn with_extra_fields(mut self, fields: Vec<String>) -> Self {
+        self.extra_fields = fields;
+        self
     }
 
     async fn ensure_fields(&self) -> Result<(), SyncError> {
         self.fields_ready
-            .get_or_try_init(|| async {
-                for key in [GLOBAL_ID_FIELD, ENTITY_TYPE_FIELD] {
-                    let existing = self
-                        .client
-                        .fields(Some(key))
-                        .next()
-                        .await
-                        .transpose()
-                        .map_err(rapidpro_error)?;
-                    if existing.is_none() {
-                        let field = FieldWrite {
-                            name: key.to_string(),
-                            field_type: FieldType::Text,
-                        };
-                        self.client
-                            .create_field(&field)
-                            .await
-                            .map_err(rapidpro_error)?;
-                    }
-                }
-                Ok::<(), SyncError>(())
-            })
+            .get_or_try_init(|| ensure_contact_fields(&self.client, &self.extra_fields))
             .await?;
         Ok(())
     }
@@ -181,5 +178,9 @@ impl ContactDirectory for RapidProDirectory {
 
     async fn unblock(&self, uuid: &str) -> Result<(), SyncError> {
         self.action(uuid, ContactAction::Unblock).await
+    }
+
+    fn extra_fields(&self) -> &[String] {
+        &self.extra_fields
     }
 }

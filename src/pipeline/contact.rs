@@ -35,6 +35,9 @@ pub struct ContactDraft {
     pub inactive: bool,
     /// Carries the opt-out tag.
     pub opted_out: bool,
+    /// Configured extra contact fields (`job`, `facility`, `district`, ...),
+    /// filled by [`enrich`](crate::pipeline::work_context::enrich).
+    pub extra_fields: std::collections::BTreeMap<String, String>,
     /// The RapidPro contact UUID already written back, if any.
     #[serde(skip)]
     pub contact_uuid: Option<String>,
@@ -230,6 +233,7 @@ pub fn draft(resource: &Value, phones: &PhoneNormalizer) -> ContactDraft {
         entity_type: resource_type,
         inactive: resource.get("active").and_then(Value::as_bool) == Some(false),
         opted_out,
+        extra_fields: Default::default(),
         contact_uuid,
         rejected_phones,
     }

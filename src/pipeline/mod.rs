@@ -3,3 +3,4 @@
 
 pub mod contact;
 pub mod phone;
+pub mod work_context;
