@@ -199,6 +199,9 @@ impl Default for RapidProRates {
 #[serde(deny_unknown_fields)]
 pub struct PhoneSettings {
     pub default_country: Option<String>,
+    /// Telecoms that also give `whatsapp:` / `telegram:` URNs.
+    #[serde(default)]
+    pub urn_mappings: Vec<crate::pipeline::phone::UrnMapping>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -313,6 +316,17 @@ impl Settings {
             return Err(ConfigError(format!(
                 "rapidpro.extra_fields: unknown field {unknown:?}; known: {}",
                 crate::pipeline::work_context::KNOWN_FIELDS.join(", ")
+            )));
+        }
+        if let Some(mapping) = self
+            .phone
+            .urn_mappings
+            .iter()
+            .find(|m| !crate::pipeline::phone::URN_MAPPING_SCHEMES.contains(&m.scheme.as_str()))
+        {
+            return Err(ConfigError(format!(
+                "phone.urn_mappings: scheme {:?} is not supported (use whatsapp or telegram)",
+                mapping.scheme
             )));
         }
         if self.rapidpro.contact_sync_interval_secs == 0 {
@@ -483,6 +497,26 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("shoe_size"), "{err}");
+    }
+
+    #[test]
+    fn urn_mappings_come_from_the_file_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[[phone.urn_mappings]]\nscheme = \"whatsapp\"\nsystem = \"phone\"\nuse = \"mobile\"\n",
+        )
+        .unwrap();
+        let s = Settings::load_from(Some(&path), env(&[])).unwrap();
+        assert_eq!(s.phone.urn_mappings[0].use_.as_deref(), Some("mobile"));
+        std::fs::write(
+            &path,
+            "[[phone.urn_mappings]]\nscheme = \"signal\"\nsystem = \"phone\"\n",
+        )
+        .unwrap();
+        let err = Settings::load_from(Some(&path), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("signal"), "{err}");
     }
 
     #[test]

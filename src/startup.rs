@@ -55,7 +55,7 @@ fn contact_sync_job(
         );
         return Ok(None);
     }
-    let phones = PhoneNormalizer::new(settings.phone.default_country.as_deref())
+    let phones = PhoneNormalizer::from_settings(&settings.phone)
         .map_err(|e| ConfigError(format!("phone.default_country: {e}")))?;
     crate::install_tls_provider();
     let throttle = Throttle::new(&rapidpro.rate_per_hour);

@@ -53,3 +53,22 @@ fn ihris_placeholder_phones_are_refused_not_sent() {
     );
     assert!(!d.reachable());
 }
+
+#[test]
+fn a_mobile_also_gives_a_whatsapp_urn_when_mapped() {
+    use mhero::pipeline::phone::UrnMapping;
+    let phones = PhoneNormalizer::new(Some("NL"))
+        .unwrap()
+        .with_urn_mappings(vec![UrnMapping {
+            scheme: "whatsapp".into(),
+            system: "phone".into(),
+            use_: Some("mobile".into()),
+        }]);
+    let patient = common::fixture("openmrs/openmrs-fhir2-patient-example.json");
+    let d = draft(&patient, &phones);
+    assert_eq!(
+        d.urns,
+        vec!["tel:+31648352638", "whatsapp:31648352638"],
+        "tel first, then the mapped URN"
+    );
+}

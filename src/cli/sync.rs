@@ -30,7 +30,7 @@ pub async fn sync_contacts(
     settings: &Settings,
     full: bool,
 ) -> Result<(SyncReport, StatusPollReport), SyncCommandError> {
-    let phones = PhoneNormalizer::new(settings.phone.default_country.as_deref())
+    let phones = PhoneNormalizer::from_settings(&settings.phone)
         .map_err(|e| SyncCommandError::Config(format!("phone.default_country: {e}")))?;
     crate::install_tls_provider();
     let client = RapidProClient::from_settings(

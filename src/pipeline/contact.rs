@@ -191,7 +191,7 @@ pub fn draft(resource: &Value, phones: &PhoneNormalizer) -> ContactDraft {
     let mut telecoms: Vec<&Value> = resource
         .get("telecom")
         .and_then(Value::as_array)
-        .map(|t| t.iter().filter(|t| is_phone(t) && !is_retired(t)).collect())
+        .map(|t| t.iter().filter(|t| !is_retired(t)).collect())
         .unwrap_or_default();
     // Lower rank first; unranked last; otherwise the order of the resource.
     telecoms.sort_by_key(|t| t.get("rank").and_then(Value::as_u64).unwrap_or(u64::MAX));
@@ -201,10 +201,14 @@ pub fn draft(resource: &Value, phones: &PhoneNormalizer) -> ContactDraft {
         let Some(value) = telecom.get("value").and_then(Value::as_str) else {
             continue;
         };
-        match phones.tel_urn(value) {
-            Ok(urn) if !urns.contains(&urn) => urns.push(urn),
-            Ok(_) => {}
-            Err(e) => rejected_phones.push(e),
+        let tel = is_phone(telecom).then(|| phones.tel_urn(value));
+        // `tel:` first, then the `whatsapp:` / `telegram:` URNs configured for it.
+        for result in tel.into_iter().chain(phones.mapped_urns(telecom)) {
+            match result {
+                Ok(urn) if !urns.contains(&urn) => urns.push(urn),
+                Ok(_) => {}
+                Err(e) => rejected_phones.push(e),
+            }
         }
     }
     let opted_out = resource

@@ -26,10 +26,26 @@ fn last_three(raw: &str) -> String {
     format!("…{tail}")
 }
 
+/// Which telecoms also give a `whatsapp:` or `telegram:` URN.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UrnMapping {
+    /// `whatsapp` or `telegram`.
+    pub scheme: String,
+    /// `ContactPoint.system` to match (`phone`, `sms`, `other`, ...).
+    pub system: String,
+    /// `ContactPoint.use` to match; any use when absent.
+    #[serde(default, rename = "use")]
+    pub use_: Option<String>,
+}
+
+pub const URN_MAPPING_SCHEMES: &[&str] = &["whatsapp", "telegram"];
+
 /// Turns local and international phone values into E.164.
 #[derive(Debug, Clone)]
 pub struct PhoneNormalizer {
     default_country: Option<CountryId>,
+    urn_mappings: Vec<UrnMapping>,
 }
 
 impl PhoneNormalizer {
@@ -37,7 +53,52 @@ impl PhoneNormalizer {
     /// a country code; `None` accepts only international (`+...`) numbers.
     pub fn new(default_country: Option<&str>) -> Result<Self, PhoneError> {
         let default_country = default_country.map(parse_country).transpose()?;
-        Ok(PhoneNormalizer { default_country })
+        Ok(PhoneNormalizer {
+            default_country,
+            urn_mappings: Vec::new(),
+        })
+    }
+
+    /// From `[phone]`: default country and URN mappings.
+    pub fn from_settings(settings: &crate::config::PhoneSettings) -> Result<Self, PhoneError> {
+        Ok(Self::new(settings.default_country.as_deref())?
+            .with_urn_mappings(settings.urn_mappings.clone()))
+    }
+
+    /// Also make `whatsapp:` / `telegram:` URNs from matching telecoms.
+    pub fn with_urn_mappings(mut self, mappings: Vec<UrnMapping>) -> Self {
+        self.urn_mappings = mappings;
+        self
+    }
+
+    /// The extra URNs a telecom gives under the configured mappings.
+    pub fn mapped_urns(&self, telecom: &serde_json::Value) -> Vec<Result<String, PhoneError>> {
+        let system = telecom
+            .get("system")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("");
+        let use_ = telecom.get("use").and_then(serde_json::Value::as_str);
+        let Some(value) = telecom.get("value").and_then(serde_json::Value::as_str) else {
+            return Vec::new();
+        };
+        self.urn_mappings
+            .iter()
+            .filter(|m| m.system == system && (m.use_.is_none() || m.use_.as_deref() == use_))
+            .map(|m| match m.scheme.as_str() {
+                "telegram" => {
+                    let id = value.trim().trim_start_matches("telegram:");
+                    if !id.is_empty() && id.chars().all(|c| c.is_ascii_digit()) {
+                        Ok(format!("telegram:{id}"))
+                    } else {
+                        Err(PhoneError::Unparseable {
+                            masked: last_three(value),
+                            hint: " (a Telegram id is a number)".into(),
+                        })
+                    }
+                }
+                _ => self.whatsapp_urn(value),
+            })
+            .collect()
     }
 
     /// E.164 (`+231770123456`) of `raw`, read with `country` if given,
@@ -128,6 +189,41 @@ mod tests {
             PhoneNormalizer::new(Some("XX")),
             Err(PhoneError::UnknownCountry(_))
         ));
+    }
+
+    #[test]
+    fn mapped_telecoms_give_whatsapp_and_telegram_urns() {
+        let phones = PhoneNormalizer::new(Some("LR"))
+            .unwrap()
+            .with_urn_mappings(vec![
+                UrnMapping {
+                    scheme: "whatsapp".into(),
+                    system: "phone".into(),
+                    use_: Some("mobile".into()),
+                },
+                UrnMapping {
+                    scheme: "telegram".into(),
+                    system: "other".into(),
+                    use_: None,
+                },
+            ]);
+        let mobile =
+            serde_json::json!({"system": "phone", "use": "mobile", "value": "077 012 3456"});
+        assert_eq!(
+            phones.mapped_urns(&mobile),
+            vec![Ok("whatsapp:231770123456".to_string())]
+        );
+        let work = serde_json::json!({"system": "phone", "use": "work", "value": "077 012 3456"});
+        assert!(phones.mapped_urns(&work).is_empty());
+        let telegram = serde_json::json!({"system": "other", "value": "123456789"});
+        assert_eq!(
+            phones.mapped_urns(&telegram),
+            vec![Ok("telegram:123456789".to_string())]
+        );
+        assert!(
+            phones.mapped_urns(&serde_json::json!({"system": "other", "value": "@handle"}))[0]
+                .is_err()
+        );
     }
 
     #[test]
