@@ -189,6 +189,9 @@ impl ContactSync<'_> {
     /// `full` ignores the cursors and looks at everyone.
     pub async fn run_once(&self, full: bool) -> Result<SyncReport, SyncError> {
         let mut report = SyncReport::default();
+        // People written after the pass started (its own write-backs
+        // included) wait for the next pass, which the cursor guarantees.
+        let started = crate::fhir::format_instant(&chrono::Utc::now());
         for resource_type in PERSON_TYPES {
             let mut cursor = Cursor::load(
                 self.store,
@@ -199,11 +202,14 @@ impl ContactSync<'_> {
             let mut params = vec![
                 ("_sort".to_string(), "_lastUpdated".to_string()),
                 ("_count".to_string(), self.page_size.to_string()),
+                ("_total".to_string(), "none".to_string()),
+                ("_lastUpdated".to_string(), format!("le{started}")),
             ];
             if let Some(since) = &since {
                 params.push(("_lastUpdated".into(), format!("ge{since}")));
             }
             let mut page_cursor = None;
+            let mut done_up_to = None;
             loop {
                 let page = self
                     .store
@@ -229,18 +235,21 @@ impl ContactSync<'_> {
                         Err(e) => report.failures.push(format!("{}: {e}", person.reference())),
                     }
                 }
-                // Only advance past what was done without failures.
-                if let Some(last) = page.matches.last()
-                    && report.failures.is_empty()
+                // Only what was done without failures counts as done.
+                if report.failures.is_empty()
+                    && let Some(last) = page.matches.last()
                 {
-                    cursor
-                        .advance(self.store, &crate::fhir::format_instant(&last.last_updated))
-                        .await?;
+                    done_up_to = Some(last.last_updated);
                 }
                 match page.next_cursor {
                     Some(next) if report.failures.is_empty() => page_cursor = Some(next),
                     _ => break,
                 }
+            }
+            if let Some(done) = done_up_to {
+                cursor
+                    .advance(self.store, &crate::fhir::format_instant(&done))
+                    .await?;
             }
             self.block_deleted(resource_type, full, &mut report).await?;
         }
