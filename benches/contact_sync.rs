@@ -466,6 +466,54 @@ async fn change_phones(store: &SqliteStore, people: usize, changed: usize) -> Du
     started.elapsed()
 }
 
+/// One paging variant of the sync's store query: pages, matches, time.
+struct Paging {
+    label: &'static str,
+    pages: usize,
+    matches: usize,
+    elapsed: Duration,
+}
+
+/// Page through `Practitioner?_sort=_lastUpdated&_count=<page_size>` plus
+/// `extra`, as the sync does, and time it.
+async fn page_through(
+    store: &SqliteStore,
+    label: &'static str,
+    page_size: usize,
+    extra: &[(&str, &str)],
+) -> Paging {
+    let mut params = vec![
+        ("_sort".to_string(), "_lastUpdated".to_string()),
+        ("_count".to_string(), page_size.to_string()),
+    ];
+    params.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let (mut pages, mut matches, mut cursor) = (0, 0, None);
+    let started = Instant::now();
+    loop {
+        let page = store
+            .search(SearchRequest {
+                resource_type: "Practitioner".into(),
+                params: params.clone(),
+                cursor: cursor.take(),
+                lenient: false,
+            })
+            .await
+            .expect("paging search");
+        pages += 1;
+        matches += page.matches.len();
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    Paging {
+        label,
+        pages,
+        matches,
+        elapsed: started.elapsed(),
+    }
+}
+
 fn main() {
     let people = env_usize("MHERO_BENCH_CONTACTS", 10_000).max(1);
     let changed = env_usize("MHERO_BENCH_CHANGED", people / 10).min(people);
@@ -500,7 +548,7 @@ fn main() {
         .expect("start the sandbox");
     let dir = tempfile::tempdir().expect("temporary directory");
 
-    let (load_time, change_time, passes) = runtime.block_on(async {
+    let (load_time, change_time, passes, paging) = runtime.block_on(async {
         let store = Arc::new(
             SqliteStore::open(&dir.path().join("fhir.sqlite"))
                 .await
@@ -535,6 +583,7 @@ fn main() {
         let p2 = run_pass("2: full, unchanged", &sync, true, &sandbox, &meter).await;
         assert_eq!(p2.report.unchanged, people, "nobody changed");
         eprintln!("[4/6] changing {changed} phones ...");
+        let changed_since = mhero::fhir::format_instant(&chrono::Utc::now());
         let change_time = change_phones(&store, people, changed).await;
         eprintln!("      {:.2} s", change_time.as_secs_f64());
         eprintln!("[5/6] pass 3: {changed} changed ...");
@@ -542,7 +591,24 @@ fn main() {
         assert_eq!(p3.report.updated, changed, "every changed phone pushed");
         eprintln!("[6/6] pass 4: incremental, nothing changed ...");
         let p4 = run_pass("4: incremental, unchanged", &sync, false, &sandbox, &meter).await;
-        (load_time, change_time, vec![p1, p2, p3, p4])
+        // The sync's store query alone, with and without the total count.
+        let since = format!("ge{changed_since}");
+        let mut paging = Vec::new();
+        for (label, extra) in [
+            ("all, _total default (accurate)", vec![]),
+            ("all, _total=none", vec![("_total", "none")]),
+            (
+                "_lastUpdated=ge<before the changes>, _total default",
+                vec![("_lastUpdated", since.as_str())],
+            ),
+            (
+                "_lastUpdated=ge<before the changes>, _total=none",
+                vec![("_lastUpdated", since.as_str()), ("_total", "none")],
+            ),
+        ] {
+            paging.push(page_through(&store, label, page_size, &extra).await);
+        }
+        (load_time, change_time, vec![p1, p2, p3, p4], paging)
     });
     let live_contacts = sandbox.sandbox().state()["contacts"]
         .as_array()
@@ -560,6 +626,7 @@ fn main() {
         load_time,
         change_time,
         passes: &passes,
+        paging: &paging,
         live_contacts,
         peak_rss_mib: peak_rss_kib().map(|k| k as f64 / 1024.0),
         load: (load_before, load_average()),
@@ -575,6 +642,7 @@ struct Report<'a> {
     load_time: Duration,
     change_time: Duration,
     passes: &'a [Pass],
+    paging: &'a [Paging],
     live_contacts: usize,
     peak_rss_mib: Option<f64>,
     /// 1-minute load average before and after the run.
@@ -676,6 +744,39 @@ fn print_report(r: &Report) {
             p.cpu_process_s / wall
         );
     }
+    println!();
+    println!(
+        "The sync's store query alone (Practitioner?_sort=_lastUpdated&_count={}):",
+        r.page_size
+    );
+    for p in r.paging {
+        println!(
+            "  {:<55} {:>4} pages, {:>6} matches, {:>8.1} ms, {:>6.2} ms/page",
+            p.label,
+            p.pages,
+            p.matches,
+            p.elapsed.as_secs_f64() * 1e3,
+            p.elapsed.as_secs_f64() * 1e3 / p.pages as f64
+        );
+    }
+    println!();
+    println!(
+        "At RapidPro's default throttle (3,600 requests/hour per scope; every call above is in v2.contacts or v2):"
+    );
+    for p in r.passes {
+        let contacts_scope: usize = p
+            .calls
+            .iter()
+            .filter(|(k, _)| k.contains(" contacts"))
+            .map(|(_, n)| n)
+            .sum();
+        println!(
+            "  pass {:<26} {:>6} contacts.json calls = {:.2} h of v2.contacts budget",
+            p.label,
+            contacts_scope,
+            contacts_scope as f64 / 3600.0
+        );
+    }
     let (p1, p2, p3) = (&r.passes[0], &r.passes[1], &r.passes[2]);
     let per = |p: &Pass| p.wall.as_secs_f64() / p.subject() as f64;
     println!();
@@ -739,6 +840,13 @@ fn print_report(r: &Report) {
             "unchanged_full_over_all_new_wall": p2.wall.as_secs_f64() / p1.wall.as_secs_f64(),
             "per_changed_over_per_new_wall": per(p3) / per(p1),
         },
+        "store_paging": r.paging.iter().map(|p| json!({
+            "query": p.label,
+            "pages": p.pages,
+            "matches": p.matches,
+            "ms": p.elapsed.as_secs_f64() * 1e3,
+            "ms_per_page": p.elapsed.as_secs_f64() * 1e3 / p.pages as f64,
+        })).collect::<Vec<_>>(),
         "peak_rss_mib": r.peak_rss_mib,
         "load_average_1m": { "before": r.load.0, "after": r.load.1 },
         "note": "CPU is the whole process: it includes the in-process RapidPro sandbox (cpu_sandbox_seconds)",
