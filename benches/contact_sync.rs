@@ -27,6 +27,11 @@
 //! runs in the same process: the process CPU includes it, so it is also
 //! shown separately.
 //!
+//! Finally it pages through the sync's store query alone, with the default
+//! `_total` and with `_total=none`, and converts each pass's
+//! `contacts.json` calls into hours of RapidPro's default budget (3,600
+//! requests/hour).
+//!
 //! It prints a table and, if `MHERO_BENCH_OUT` is set, writes the figures
 //! as JSON to that path. Nothing is asserted beyond the sync's outcome
 //! counts (a benchmark of a broken sync is worthless).
