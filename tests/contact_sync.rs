@@ -320,3 +320,66 @@ async fn a_deleted_person_has_the_contact_blocked_once() {
     let again = sync.run_once(false).await.unwrap();
     assert_eq!(again.blocked, 0, "a delete is handled once: {again:?}");
 }
+
+#[tokio::test]
+async fn invalid_phones_are_recorded_beside_the_person_and_cleared_when_fixed() {
+    use mhero::jobs::sync_status::status_id;
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("fhir.sqlite"))
+        .await
+        .unwrap();
+    store
+        .update(
+            "Practitioner",
+            "p1",
+            person("p1", Some("111-111-1111")),
+            None,
+        )
+        .await
+        .unwrap();
+    let directory = FakeDirectory::default();
+    let phones = PhoneNormalizer::new(Some("LR")).unwrap();
+    let sync = ContactSync {
+        store: &store,
+        directory: &directory,
+        phones: &phones,
+        page_size: 50,
+        progress: indicatif::ProgressBar::hidden(),
+    };
+    assert_eq!(sync.run_once(false).await.unwrap().no_phone, 1);
+    let status = store
+        .read("Basic", &status_id("Practitioner", "p1"))
+        .await
+        .unwrap()
+        .resource;
+    assert_eq!(status["subject"]["reference"], "Practitioner/p1");
+    let text = status.to_string();
+    assert!(
+        text.contains("not a valid number") || text.contains("cannot be read"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("111-111-1111"),
+        "no whole number in the status"
+    );
+    assert_eq!(
+        store.read("Practitioner", "p1").await.unwrap().version_id,
+        "1",
+        "the person itself is untouched"
+    );
+
+    let mut fixed = store.read("Practitioner", "p1").await.unwrap().resource;
+    fixed["telecom"] = json!([{ "system": "phone", "value": "0770123456" }]);
+    store
+        .update("Practitioner", "p1", fixed, None)
+        .await
+        .unwrap();
+    assert_eq!(sync.run_once(false).await.unwrap().created, 1);
+    assert!(
+        store
+            .read("Basic", &status_id("Practitioner", "p1"))
+            .await
+            .is_err(),
+        "cleared once the phone is fixed"
+    );
+}

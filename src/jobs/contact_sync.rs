@@ -105,6 +105,7 @@ pub async fn sync_person(
     if contact.contact_uuid.is_some() && pushed_hash(resource).as_deref() == Some(hash.as_str()) {
         return Ok(PersonOutcome::Unchanged);
     }
+    super::sync_status::record(store, &contact).await?;
     let known = match &contact.contact_uuid {
         Some(uuid) => directory.find_by_uuid(uuid).await?,
         None => None,

@@ -12,3 +12,4 @@ pub mod cursor;
 pub mod group_sync;
 pub mod rapidpro_directory;
 pub mod runner;
+pub mod sync_status;
