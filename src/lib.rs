@@ -27,6 +27,7 @@ pub mod config;
 pub mod error;
 pub mod fhir;
 pub mod jobs;
+pub mod outbound;
 pub mod pipeline;
 pub mod rapidpro;
 pub mod startup;

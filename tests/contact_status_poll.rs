@@ -4,37 +4,16 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use chrono::Duration;
-use mhero::config::Settings;
 use mhero::jobs::contact_status_poll::ContactStatusPoll;
 use mhero::jobs::contact_sync::ContactSync;
 use mhero::jobs::rapidpro_directory::RapidProDirectory;
 use mhero::pipeline::phone::PhoneNormalizer;
-use mhero::rapidpro::client::RapidProClient;
 use mhero::rapidpro::sandbox::{SandboxServer, SandboxSettings};
-use mhero::rapidpro::throttle::Throttle;
 use mhero::rapidpro::types::ContactWrite;
 use mhero::store::sqlite::SqliteStore;
 use mhero::store::{FhirStore, SearchRequest};
 use serde_json::json;
-
-async fn client_for(sandbox: &SandboxServer) -> RapidProClient {
-    mhero::install_tls_provider();
-    let env = HashMap::from([
-        (
-            "MHERO__RAPIDPRO__BASE_URL".to_string(),
-            sandbox.base_url().to_string(),
-        ),
-        (
-            "MHERO__RAPIDPRO__TOKEN".to_string(),
-            sandbox.token().to_string(),
-        ),
-    ]);
-    let settings = Settings::load_from(None, Some(env)).unwrap();
-    RapidProClient::from_settings(&settings.rapidpro, Throttle::uniform(1_000_000)).unwrap()
-}
 
 fn opted_out(resource: &serde_json::Value) -> bool {
     resource["meta"]["tag"]
@@ -57,8 +36,8 @@ async fn stop_in_rapidpro_opts_out_in_fhir_and_back() {
     let sandbox = SandboxServer::start(SandboxSettings::default())
         .await
         .unwrap();
-    let client = client_for(&sandbox).await;
-    let directory = RapidProDirectory::new(client_for(&sandbox).await);
+    let client = common::rapidpro_client_for(&sandbox).await;
+    let directory = RapidProDirectory::new(common::rapidpro_client_for(&sandbox).await);
     let phones = PhoneNormalizer::new(Some("LR")).unwrap();
     let sync = ContactSync {
         store: &store,
@@ -112,7 +91,7 @@ async fn unknown_contacts_are_imported_only_when_configured_and_only_once() {
     let sandbox = SandboxServer::start(SandboxSettings::default())
         .await
         .unwrap();
-    let client = client_for(&sandbox).await;
+    let client = common::rapidpro_client_for(&sandbox).await;
     let made_in_rapidpro = ContactWrite {
         name: Some("Walk-in Volunteer".into()),
         urns: Some(vec!["tel:+231770004001".into()]),

@@ -5,35 +5,14 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use mhero::cli::import::import_files;
-use mhero::config::Settings;
 use mhero::jobs::contact_sync::ContactSync;
 use mhero::jobs::rapidpro_directory::RapidProDirectory;
 use mhero::pipeline::phone::PhoneNormalizer;
-use mhero::rapidpro::client::RapidProClient;
 use mhero::rapidpro::sandbox::{SandboxServer, SandboxSettings};
-use mhero::rapidpro::throttle::Throttle;
 use mhero::store::FhirStore;
 use mhero::store::sqlite::SqliteStore;
 use serde_json::{Value, json};
-
-async fn client_for(sandbox: &SandboxServer) -> RapidProClient {
-    mhero::install_tls_provider();
-    let env = HashMap::from([
-        (
-            "MHERO__RAPIDPRO__BASE_URL".to_string(),
-            sandbox.base_url().to_string(),
-        ),
-        (
-            "MHERO__RAPIDPRO__TOKEN".to_string(),
-            sandbox.token().to_string(),
-        ),
-    ]);
-    let settings = Settings::load_from(None, Some(env)).unwrap();
-    RapidProClient::from_settings(&settings.rapidpro, Throttle::uniform(1_000_000)).unwrap()
-}
 
 fn contacts(sandbox: &SandboxServer) -> Vec<Value> {
     sandbox.sandbox().state()["contacts"]
@@ -86,7 +65,7 @@ async fn ihris_practitioners_become_contacts_once_and_follow_changes() {
     let sandbox = SandboxServer::start(SandboxSettings::default())
         .await
         .unwrap();
-    let directory = RapidProDirectory::new(client_for(&sandbox).await);
+    let directory = RapidProDirectory::new(common::rapidpro_client_for(&sandbox).await);
     let phones = PhoneNormalizer::new(Some("LR")).unwrap();
     let sync = ContactSync {
         store: &store,
@@ -196,7 +175,7 @@ async fn a_rapidpro_outage_fails_the_pass_and_the_next_pass_catches_up() {
     let sandbox = SandboxServer::start(SandboxSettings::default())
         .await
         .unwrap();
-    let directory = RapidProDirectory::new(client_for(&sandbox).await);
+    let directory = RapidProDirectory::new(common::rapidpro_client_for(&sandbox).await);
     let phones = PhoneNormalizer::new(Some("LR")).unwrap();
     let sync = ContactSync {
         store: &store,
@@ -264,7 +243,8 @@ async fn extra_fields_carry_job_facility_district_and_region_from_ihris() {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let directory = RapidProDirectory::new(client_for(&sandbox).await).with_extra_fields(wanted);
+    let directory = RapidProDirectory::new(common::rapidpro_client_for(&sandbox).await)
+        .with_extra_fields(wanted);
     let phones = PhoneNormalizer::new(Some("LR")).unwrap();
     let sync = ContactSync {
         store: &store,

@@ -33,8 +33,9 @@
 //! * **Timeouts** are not retried (a slow server would otherwise hold the
 //!   caller for `timeout × retries`), as in the FHIR HTTP store.
 
+use crate::outbound::{backoff_delay, error_chain};
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Utc};
 use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
@@ -51,7 +52,6 @@ use crate::config::{RapidProSettings, Secret};
 /// Default first retry delay; doubled on each further retry.
 const DEFAULT_BACKOFF: Duration = Duration::from_millis(250);
 /// No single backoff sleep is longer than this.
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// Wait after a 429 that names no delay at all.
 const UNNAMED_THROTTLE_WAIT: Duration = Duration::from_secs(5);
 /// Longest error body text kept in an error.
@@ -592,7 +592,7 @@ impl RapidProClient {
             .user_agent(concat!("mhero/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| {
-                RapidProError::Config(format!("cannot build the HTTP client: {}", chain(&e)))
+                RapidProError::Config(format!("cannot build the HTTP client: {}", error_chain(&e)))
             })?;
         Ok(RapidProClient {
             http,
@@ -1046,7 +1046,7 @@ impl RapidProClient {
                 Err(e) if e.is_builder() => {
                     return Err(RapidProError::Config(format!(
                         "cannot build the request: {}",
-                        chain(&e)
+                        error_chain(&e)
                     )));
                 }
                 Err(e) if e.is_timeout() => {
@@ -1058,7 +1058,7 @@ impl RapidProClient {
                     tracing::warn!(
                         method = %call.method,
                         path = call.url.path(),
-                        error = %crate::telemetry::redact_phones(&chain(&e)),
+                        error = %crate::telemetry::redact_phones(&error_chain(&e)),
                         retry_in_ms = delay.as_millis() as u64,
                         attempt = attempt + 1,
                         "cannot connect to RapidPro; retrying"
@@ -1070,7 +1070,7 @@ impl RapidProClient {
                     tracing::warn!(
                         method = %call.method,
                         path = call.url.path(),
-                        error = %crate::telemetry::redact_phones(&chain(&e)),
+                        error = %crate::telemetry::redact_phones(&error_chain(&e)),
                         retry_in_ms = delay.as_millis() as u64,
                         attempt = attempt + 1,
                         "RapidPro not reachable; retrying"
@@ -1078,7 +1078,7 @@ impl RapidProClient {
                     maybe_done = true;
                     tokio::time::sleep(delay).await;
                 }
-                Err(e) => return Err(RapidProError::Connection(chain(&e))),
+                Err(e) => return Err(RapidProError::Connection(error_chain(&e))),
             }
             attempt += 1;
         }
@@ -1161,43 +1161,6 @@ pub fn parse_throttle_detail(detail: &str) -> Option<Duration> {
         return None;
     }
     Some(Duration::from_secs_f64(seconds.ceil()))
-}
-
-/// An error and its sources, joined, without URLs (they may carry URNs).
-fn chain(error: &reqwest::Error) -> String {
-    use std::error::Error as _;
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    if let Some(url) = error.url() {
-        text = text.replace(&format!(" for url ({url})"), "");
-        text = text.replace(url.as_str(), "<url>");
-    }
-    text
-}
-
-/// `base * 2^attempt`, capped, plus up to half of it again as jitter
-/// (from the clock's nanoseconds; no random number generator needed).
-fn backoff_delay(base: Duration, attempt: u32) -> Duration {
-    let delay = base
-        .saturating_mul(2u32.saturating_pow(attempt.min(16)))
-        .min(MAX_BACKOFF);
-    let half = delay.as_nanos() as u64 / 2;
-    if half == 0 {
-        return delay;
-    }
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos() as u64)
-        .unwrap_or(0);
-    delay + Duration::from_nanos(nanos % half)
 }
 
 #[cfg(test)]
@@ -1325,16 +1288,6 @@ mod tests {
             Some(Duration::from_secs(3))
         );
         assert_eq!(parse_throttle_detail("Request was throttled."), None);
-    }
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        let base = Duration::from_millis(100);
-        let first = backoff_delay(base, 0);
-        assert!(first >= base && first < base * 2, "{first:?}");
-        let third = backoff_delay(base, 2);
-        assert!(third >= base * 4 && third < base * 6, "{third:?}");
-        assert!(backoff_delay(base, 30) <= MAX_BACKOFF + MAX_BACKOFF / 2);
     }
 
     #[test]

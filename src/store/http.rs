@@ -10,8 +10,9 @@
 //! single mapping of HTTP statuses and OperationOutcomes to `StoreError`
 //! (`HttpFhirStore::map_error`).
 
+use crate::outbound::{backoff_delay, error_chain};
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use base64::Engine as _;
@@ -33,7 +34,6 @@ const FHIR_JSON: &str = "application/fhir+json";
 /// Default first retry delay; doubled on each further retry.
 const DEFAULT_BACKOFF: Duration = Duration::from_millis(100);
 /// No single backoff sleep is longer than this.
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// A server's `Retry-After` is honoured up to this.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 
@@ -202,7 +202,7 @@ impl HttpFhirStore {
             .user_agent(concat!("mhero/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| {
-                StoreError::Internal(format!("cannot build the HTTP client: {}", chain(&e)))
+                StoreError::Internal(format!("cannot build the HTTP client: {}", error_chain(&e)))
             })?;
 
         Ok(HttpFhirStore {
@@ -402,7 +402,7 @@ impl HttpFhirStore {
                 Err(e) if e.is_builder() => {
                     return Err(StoreError::Internal(format!(
                         "cannot build the request: {}",
-                        chain(&e)
+                        error_chain(&e)
                     )));
                 }
                 Err(e) if may_retry && !e.is_timeout() => {
@@ -410,7 +410,7 @@ impl HttpFhirStore {
                     tracing::warn!(
                         method = %call.method,
                         path = call.url.path(),
-                        error = %crate::telemetry::redact_phones(&chain(&e)),
+                        error = %crate::telemetry::redact_phones(&error_chain(&e)),
                         retry_in_ms = delay.as_millis() as u64,
                         attempt = attempt + 1,
                         "FHIR server not reachable; retrying"
@@ -427,9 +427,9 @@ impl HttpFhirStore {
         let reason = if error.is_timeout() {
             format!("no answer within {} s", self.timeout.as_secs())
         } else if error.is_connect() {
-            format!("cannot connect: {}", chain(error))
+            format!("cannot connect: {}", error_chain(error))
         } else {
-            format!("request failed: {}", chain(error))
+            format!("request failed: {}", error_chain(error))
         };
         StoreError::Unavailable {
             backend: self.backend_label(),
@@ -939,27 +939,6 @@ fn sensitive_header(value: &str) -> Option<HeaderValue> {
     Some(header)
 }
 
-/// An error and its sources, joined, without URLs (they may carry search
-/// parameters).
-fn chain(error: &reqwest::Error) -> String {
-    use std::error::Error as _;
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    if let Some(url) = error.url() {
-        text = text.replace(&format!(" for url ({url})"), "");
-        text = text.replace(url.as_str(), "<url>");
-    }
-    text
-}
-
 fn is_transient(status: StatusCode) -> bool {
     matches!(status.as_u16(), 429 | 502 | 503 | 504)
 }
@@ -976,22 +955,6 @@ fn retry_after(reply: &Reply) -> Option<Duration> {
         }
     };
     Some(delay.min(MAX_RETRY_AFTER))
-}
-
-/// `base * 2^attempt`, capped, plus up to half of it again as jitter.
-fn backoff_delay(base: Duration, attempt: u32) -> Duration {
-    let delay = base
-        .saturating_mul(2u32.saturating_pow(attempt.min(16)))
-        .min(MAX_BACKOFF);
-    let half = delay.as_nanos() as u64 / 2;
-    if half == 0 {
-        return delay;
-    }
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos() as u64)
-        .unwrap_or(0);
-    delay + Duration::from_nanos(nanos % half)
 }
 
 /// The first issue's diagnostics, or its details text.
@@ -1289,17 +1252,6 @@ mod tests {
         );
         assert_eq!(parse_location("https://h/"), None);
         assert_eq!(parse_location(""), None);
-    }
-
-    #[test]
-    fn backoff_grows_and_stays_capped() {
-        let base = Duration::from_millis(100);
-        let first = backoff_delay(base, 0);
-        assert!(first >= base && first < base * 2, "{first:?}");
-        let third = backoff_delay(base, 2);
-        assert!(third >= base * 4 && third < base * 6, "{third:?}");
-        assert!(backoff_delay(base, 40) <= MAX_BACKOFF + MAX_BACKOFF / 2);
-        assert_eq!(backoff_delay(Duration::ZERO, 3), Duration::ZERO);
     }
 
     #[test]

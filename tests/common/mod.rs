@@ -103,3 +103,27 @@ pub fn without_store_meta(resource: &Value) -> Value {
     }
     copy
 }
+
+/// A RapidPro client for an in-process sandbox, with a throttle budget
+/// that never waits.
+pub async fn rapidpro_client_for(
+    sandbox: &mhero::rapidpro::sandbox::SandboxServer,
+) -> mhero::rapidpro::client::RapidProClient {
+    mhero::install_tls_provider();
+    let env = HashMap::from([
+        (
+            "MHERO__RAPIDPRO__BASE_URL".to_string(),
+            sandbox.base_url().to_string(),
+        ),
+        (
+            "MHERO__RAPIDPRO__TOKEN".to_string(),
+            sandbox.token().to_string(),
+        ),
+    ]);
+    let settings = Settings::load_from(None, Some(env)).unwrap();
+    mhero::rapidpro::client::RapidProClient::from_settings(
+        &settings.rapidpro,
+        mhero::rapidpro::throttle::Throttle::uniform(1_000_000),
+    )
+    .unwrap()
+}
