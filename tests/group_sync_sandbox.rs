@@ -425,5 +425,33 @@ async fn rapidpro_groups_drive_fhir_membership() {
             "Practitioner/hw2".to_string()
         ])
     );
+
+    // The stranger becomes a FHIR person later: the next pass adds them,
+    // although the RapidPro group did not change.
+    let person = json!({ "resourceType": "Person", "id": "stranger", "name": [{ "text": "Stranger" }],
+        "identifier": [{ "system": "http://app.rapidpro.io/contact-uuid", "value": stranger.uuid }] });
+    store
+        .update("Person", "stranger", person, None)
+        .await
+        .unwrap();
+    let fourth = sync.run_once().await.unwrap();
+    assert_eq!(
+        (fourth.updated, fourth.not_yet_synced),
+        (1, 0),
+        "{fourth:?}"
+    );
+    let last = store.read("Group", &fhir_group.id).await.unwrap();
+    assert!(refs(&last.resource).contains("Person/stranger"));
+    let fifth = sync.run_once().await.unwrap();
+    assert_eq!(fifth.unchanged, 1, "{fifth:?}");
+    assert_eq!(
+        store
+            .read("Group", &fhir_group.id)
+            .await
+            .unwrap()
+            .version_id,
+        last.version_id,
+        "no write once everyone is found"
+    );
     sandbox.shutdown().await.unwrap();
 }

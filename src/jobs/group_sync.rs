@@ -751,6 +751,10 @@ impl GroupSync<'_> {
         }
         let people = people_by_contact(self.store, &contacts).await?;
         report.not_yet_synced += contacts.len() - people.len();
+        // The hash recorded is that of the contacts found in FHIR: while
+        // some are missing it differs from the group's, so they are looked
+        // for again on the next pass.
+        let hash = members_hash(&people.keys().cloned().collect());
         let wanted: BTreeSet<(String, String)> = people.into_values().collect();
         let (id, created) = match linked.into_iter().next() {
             Some(existing) => (existing.id, false),
@@ -984,5 +988,131 @@ mod tests {
             with_members(&updated, &keep, &wanted, "g", "h").is_none(),
             "nothing to do twice"
         );
+    }
+
+    /// RapidPro in memory; `add` fails while `fail_adds` is set.
+    #[derive(Default)]
+    struct Fake {
+        groups: std::sync::Mutex<Vec<RemoteGroup>>,
+        members: std::sync::Mutex<HashMap<String, BTreeSet<String>>>,
+        fail_adds: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait]
+    impl GroupDirectory for Fake {
+        async fn groups(&self) -> Result<Vec<RemoteGroup>, SyncError> {
+            Ok(self.groups.lock().unwrap().clone())
+        }
+        async fn create_group(&self, name: &str) -> Result<RemoteGroup, SyncError> {
+            let mut groups = self.groups.lock().unwrap();
+            let group = RemoteGroup {
+                uuid: format!("g-{}", groups.len()),
+                name: name.to_string(),
+                smart: false,
+                system: false,
+            };
+            groups.push(group.clone());
+            Ok(group)
+        }
+        async fn group_members(&self, group_uuid: &str) -> Result<Vec<String>, SyncError> {
+            let members = self.members.lock().unwrap();
+            Ok(members
+                .get(group_uuid)
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect())
+        }
+        async fn add_to_group(
+            &self,
+            group_uuid: &str,
+            contacts: &[String],
+        ) -> Result<(), SyncError> {
+            assert!(contacts.len() <= ACTION_BATCH);
+            if self.fail_adds.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(SyncError::RapidPro("503 Service Unavailable".into()));
+            }
+            let mut members = self.members.lock().unwrap();
+            members
+                .entry(group_uuid.to_string())
+                .or_default()
+                .extend(contacts.iter().cloned());
+            Ok(())
+        }
+        async fn remove_from_group(
+            &self,
+            group_uuid: &str,
+            contacts: &[String],
+        ) -> Result<(), SyncError> {
+            let mut members = self.members.lock().unwrap();
+            if let Some(set) = members.get_mut(group_uuid) {
+                for c in contacts {
+                    set.remove(c);
+                }
+            }
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_add_is_retried_on_the_next_pass_and_smart_groups_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::sqlite::SqliteStore::open(&dir.path().join("fhir.sqlite"))
+            .await
+            .unwrap();
+        for id in ["a", "b"] {
+            let person = json!({"resourceType": "Practitioner", "id": id,
+                "identifier": [{"system": CONTACT_UUID_SYSTEM, "value": format!("c-{id}")}]});
+            store
+                .update("Practitioner", id, person, None)
+                .await
+                .unwrap();
+        }
+        let group = json!({"resourceType": "Group", "id": "g", "type": "practitioner", "actual": true, "name": "Team",
+            "member": [{"entity": {"reference": "Practitioner/a"}}, {"entity": {"reference": "Practitioner/b"}}]});
+        store.update("Group", "g", group, None).await.unwrap();
+        let fake = Fake::default();
+        fake.fail_adds
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let sync = GroupSync {
+            store: &store,
+            directory: &fake,
+            source: GroupsSource::Fhir,
+        };
+        let first = sync.run_once().await.unwrap();
+        assert_eq!(first.failures.len(), 1, "{first:?}");
+        let linked = store.read("Group", "g").await.unwrap().resource;
+        assert_eq!(
+            group_link(&linked),
+            Some(("g-0".to_string(), None)),
+            "linked at creation, no hash recorded"
+        );
+
+        fake.fail_adds
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let second = sync.run_once().await.unwrap();
+        assert_eq!((second.updated, second.created), (1, 0), "{second:?}");
+        assert_eq!(fake.groups.lock().unwrap().len(), 1, "no second group");
+        assert_eq!(
+            fake.members.lock().unwrap()["g-0"],
+            BTreeSet::from(["c-a".to_string(), "c-b".to_string()])
+        );
+        let third = sync.run_once().await.unwrap();
+        assert_eq!(third.unchanged, 1, "{third:?}");
+
+        fake.groups.lock().unwrap().push(RemoteGroup {
+            uuid: "smart-1".into(),
+            name: "Smart".into(),
+            smart: true,
+            system: false,
+        });
+        let smart = json!({"resourceType": "Group", "id": "s", "type": "person", "actual": true, "name": "Smart",
+            "identifier": [{"system": GROUP_UUID_SYSTEM, "value": "smart-1"}],
+            "member": [{"entity": {"reference": "Practitioner/a"}}]});
+        store.update("Group", "s", smart, None).await.unwrap();
+        let fourth = sync.run_once().await.unwrap();
+        assert_eq!(fourth.conflicts.len(), 1, "{fourth:?}");
+        assert!(fourth.conflicts[0].contains("query based"), "{fourth:?}");
+        assert!(!fake.members.lock().unwrap().contains_key("smart-1"));
     }
 }
