@@ -455,3 +455,42 @@ async fn rapidpro_groups_drive_fhir_membership() {
     );
     sandbox.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_deleted_group_taken_over_by_another_is_not_emptied() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("fhir.sqlite"))
+        .await
+        .unwrap();
+    people(&store, 3).await;
+    let sandbox = SandboxServer::start(SandboxSettings::default())
+        .await
+        .unwrap();
+    let directory = RapidProDirectory::new(client_for(&sandbox).await);
+    sync_contacts(&store, &directory).await;
+    let old = json!({ "resourceType": "Group", "id": "old", "type": "person", "actual": true,
+        "name": "Vaccinators", "member": [member("hw0"), member("hw1")] });
+    store.update("Group", "old", old, None).await.unwrap();
+    let sync = GroupSync {
+        store: &store,
+        directory: &directory,
+        source: GroupsSource::Fhir,
+    };
+    assert_eq!(sync.run_once().await.unwrap().created, 1);
+    let (uuid, _) = group_link(&store.read("Group", "old").await.unwrap().resource).unwrap();
+
+    // The Group is replaced by a new one that an operator linked to the
+    // same RapidPro group.
+    store.delete("Group", "old", None).await.unwrap();
+    let new = json!({ "resourceType": "Group", "id": "new", "type": "person", "actual": true,
+        "name": "Vaccinators", "identifier": [{ "system": GROUP_UUID_SYSTEM, "value": uuid }],
+        "member": [member("hw1"), member("hw2")] });
+    store.update("Group", "new", new, None).await.unwrap();
+    let report = sync.run_once().await.unwrap();
+    assert_eq!((report.updated, report.emptied), (1, 0), "{report:?}");
+    assert_eq!(
+        members_in_sandbox(&sandbox, "Vaccinators"),
+        BTreeSet::from([uuid_of(&store, "hw1").await, uuid_of(&store, "hw2").await])
+    );
+    sandbox.shutdown().await.unwrap();
+}

@@ -665,6 +665,20 @@ impl GroupSync<'_> {
         let Some((uuid, _)) = group_link(last).filter(|_| is_synced_group(last)) else {
             return Ok(None);
         };
+        // Another Group took the RapidPro group over (an operator linked a
+        // new Group to it): its members are not ours to remove.
+        let linked_elsewhere = search_all(
+            self.store,
+            "Group",
+            vec![(
+                "identifier".to_string(),
+                format!("{GROUP_UUID_SYSTEM}|{}", escape(&uuid)),
+            )],
+        )
+        .await?;
+        if !linked_elsewhere.is_empty() {
+            return Ok(None);
+        }
         if !remote
             .get(self.directory)
             .await?
