@@ -494,3 +494,48 @@ async fn a_deleted_group_taken_over_by_another_is_not_emptied() {
     );
     sandbox.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn members_that_may_not_be_messaged_are_left_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("fhir.sqlite"))
+        .await
+        .unwrap();
+    people(&store, 2).await;
+    let sandbox = SandboxServer::start(SandboxSettings::default())
+        .await
+        .unwrap();
+    let directory = RapidProDirectory::new(client_for(&sandbox).await);
+    sync_contacts(&store, &directory).await;
+    // hw1 is deactivated: the contact sync blocks its contact, and
+    // RapidPro refuses to add a blocked contact to a group.
+    let mut inactive = store.read("Practitioner", "hw1").await.unwrap().resource;
+    inactive["active"] = json!(false);
+    store
+        .update("Practitioner", "hw1", inactive, None)
+        .await
+        .unwrap();
+    sync_contacts(&store, &directory).await;
+    let group = json!({ "resourceType": "Group", "id": "g", "type": "practitioner", "actual": true,
+        "name": "Supervisors", "member": [member("hw0"), member("hw1")] });
+    store.update("Group", "g", group, None).await.unwrap();
+    let report = GroupSync {
+        store: &store,
+        directory: &directory,
+        source: GroupsSource::Fhir,
+    }
+    .run_once()
+    .await
+    .unwrap();
+    assert!(report.failures.is_empty(), "{report:?}");
+    assert_eq!(
+        (report.created, report.not_messageable),
+        (1, 1),
+        "{report:?}"
+    );
+    assert_eq!(
+        members_in_sandbox(&sandbox, "Supervisors"),
+        BTreeSet::from([uuid_of(&store, "hw0").await])
+    );
+    sandbox.shutdown().await.unwrap();
+}

@@ -411,10 +411,28 @@ impl GroupSync<'_> {
             vec![("_count".to_string(), SEARCH_BATCH.to_string())],
         )
         .await?;
+        // A RapidPro group linked from several Groups would flip between
+        // their memberships: none of them is synced.
+        let mut links: HashMap<String, Vec<String>> = HashMap::new();
+        for group in groups.iter().filter(|g| is_synced_group(&g.resource)) {
+            if let Some((uuid, _)) = group_link(&group.resource) {
+                links.entry(uuid).or_default().push(group.reference());
+            }
+        }
         for group in &groups {
             report.examined += 1;
             if !is_synced_group(&group.resource) {
                 report.ignored += 1;
+                continue;
+            }
+            if let Some((uuid, _)) = group_link(&group.resource)
+                && let Some(sharing) = links.get(&uuid).filter(|s| s.len() > 1)
+            {
+                report.conflicts.push(format!(
+                    "{}: RapidPro group {uuid} is linked from several Groups ({})",
+                    group.reference(),
+                    sharing.join(", ")
+                ));
                 continue;
             }
             match self.push_group(group, &mut remote, &mut report).await {
@@ -1128,5 +1146,15 @@ mod tests {
         assert_eq!(fourth.conflicts.len(), 1, "{fourth:?}");
         assert!(fourth.conflicts[0].contains("query based"), "{fourth:?}");
         assert!(!fake.members.lock().unwrap().contains_key("smart-1"));
+        store.delete("Group", "s", None).await.unwrap();
+
+        // A copy of the link on another Group: both are conflicts, nothing changes.
+        let mut copy = store.read("Group", "g").await.unwrap().resource;
+        copy["id"] = json!("copy");
+        copy["member"] = json!([]);
+        store.update("Group", "copy", copy, None).await.unwrap();
+        let fifth = sync.run_once().await.unwrap();
+        assert_eq!(fifth.conflicts.len(), 2, "{fifth:?}");
+        assert_eq!(fake.members.lock().unwrap()["g-0"].len(), 2);
     }
 }
