@@ -539,3 +539,47 @@ async fn members_that_may_not_be_messaged_are_left_out() {
     );
     sandbox.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn reconcile_undoes_a_change_made_by_hand_in_rapidpro() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("fhir.sqlite"))
+        .await
+        .unwrap();
+    people(&store, 2).await;
+    let sandbox = SandboxServer::start(SandboxSettings::default())
+        .await
+        .unwrap();
+    let client = client_for(&sandbox).await;
+    let directory = RapidProDirectory::new(client.clone());
+    sync_contacts(&store, &directory).await;
+    let group = json!({ "resourceType": "Group", "id": "g", "type": "practitioner", "actual": true,
+        "name": "Lab", "member": [member("hw0"), member("hw1")] });
+    store.update("Group", "g", group, None).await.unwrap();
+    let sync = GroupSync {
+        store: &store,
+        directory: &directory,
+        source: GroupsSource::Fhir,
+    };
+    assert_eq!(sync.run_once().await.unwrap().created, 1);
+    let hw0 = uuid_of(&store, "hw0").await;
+    client
+        .contact_actions(&ContactActionRequest {
+            contacts: vec![hw0.clone()],
+            action: ContactAction::Remove,
+            group: Some("Lab".into()),
+        })
+        .await
+        .unwrap();
+    // A normal pass trusts the recorded hash: no call.
+    sandbox.sandbox().clear_calls();
+    assert_eq!(sync.run_once().await.unwrap().unchanged, 1);
+    assert!(sandbox.sandbox().calls().is_empty());
+    assert!(!members_in_sandbox(&sandbox, "Lab").contains(&hw0));
+    // A reconcile pass looks and puts the member back.
+    let report = sync.reconcile().await.unwrap();
+    assert_eq!(report.updated, 1, "{report:?}");
+    assert_eq!(group_actions(&sandbox), vec![("add".to_string(), 1)]);
+    assert!(members_in_sandbox(&sandbox, "Lab").contains(&hw0));
+    sandbox.shutdown().await.unwrap();
+}

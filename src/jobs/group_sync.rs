@@ -393,16 +393,29 @@ struct Wanted {
 }
 
 impl GroupSync<'_> {
+    /// One pass. A group whose members have the hash recorded on its link
+    /// is skipped (no RapidPro call for `fhir`, no FHIR write for
+    /// `rapidpro`).
     pub async fn run_once(&self) -> Result<GroupSyncReport, SyncError> {
+        self.run(false).await
+    }
+
+    /// A pass that ignores the recorded hashes, undoing changes made by
+    /// hand on the side that follows (one membership listing per group).
+    pub async fn reconcile(&self) -> Result<GroupSyncReport, SyncError> {
+        self.run(true).await
+    }
+
+    async fn run(&self, full: bool) -> Result<GroupSyncReport, SyncError> {
         match self.source {
-            GroupsSource::Fhir => self.push_all().await,
-            GroupsSource::Rapidpro => self.pull_all().await,
+            GroupsSource::Fhir => self.push_all(full).await,
+            GroupsSource::Rapidpro => self.pull_all(full).await,
         }
     }
 
     // ----- FHIR -> RapidPro ---------------------------------------------------
 
-    async fn push_all(&self) -> Result<GroupSyncReport, SyncError> {
+    async fn push_all(&self, full: bool) -> Result<GroupSyncReport, SyncError> {
         let mut report = GroupSyncReport::default();
         let mut remote = RemoteIndex::default();
         let groups = search_all(
@@ -435,7 +448,7 @@ impl GroupSync<'_> {
                 ));
                 continue;
             }
-            match self.push_group(group, &mut remote, &mut report).await {
+            match self.push_group(group, full, &mut remote, &mut report).await {
                 Ok(outcome) => count(&mut report, outcome),
                 Err(e) => report.failures.push(format!("{}: {e}", group.reference())),
             }
@@ -476,6 +489,7 @@ impl GroupSync<'_> {
     async fn push_group(
         &self,
         group: &StoredResource,
+        full: bool,
         remote: &mut RemoteIndex,
         report: &mut GroupSyncReport,
     ) -> Result<Outcome, SyncError> {
@@ -485,7 +499,8 @@ impl GroupSync<'_> {
         report.not_messageable += wanted.not_messageable;
         let hash = members_hash(&wanted.contacts);
         let link = group_link(resource);
-        if let Some((_, Some(recorded))) = &link
+        if !full
+            && let Some((_, Some(recorded))) = &link
             && *recorded == hash
         {
             return Ok(Outcome::Unchanged);
@@ -721,14 +736,14 @@ impl GroupSync<'_> {
 
     // ----- RapidPro -> FHIR ---------------------------------------------------
 
-    async fn pull_all(&self) -> Result<GroupSyncReport, SyncError> {
+    async fn pull_all(&self, full: bool) -> Result<GroupSyncReport, SyncError> {
         let mut report = GroupSyncReport::default();
         for remote in self.directory.groups().await? {
             if remote.system {
                 continue;
             }
             report.examined += 1;
-            match self.pull_group(&remote, &mut report).await {
+            match self.pull_group(&remote, full, &mut report).await {
                 Ok(outcome) => count(&mut report, outcome),
                 Err(e) => report.failures.push(format!(
                     "RapidPro group {} ({}): {e}",
@@ -742,6 +757,7 @@ impl GroupSync<'_> {
     async fn pull_group(
         &self,
         remote: &RemoteGroup,
+        full: bool,
         report: &mut GroupSyncReport,
     ) -> Result<Outcome, SyncError> {
         let contacts: BTreeSet<String> = self
@@ -773,7 +789,8 @@ impl GroupSync<'_> {
                     .join(", ")
             )));
         }
-        if let Some(existing) = linked.first()
+        if !full
+            && let Some(existing) = linked.first()
             && group_link(&existing.resource)
                 .and_then(|(_, h)| h)
                 .as_deref()
