@@ -1174,4 +1174,131 @@ mod tests {
         assert_eq!(fifth.conflicts.len(), 2, "{fifth:?}");
         assert_eq!(fake.members.lock().unwrap()["g-0"].len(), 2);
     }
+
+    /// Counts the reads and searches that reach the store.
+    struct Counting {
+        inner: crate::store::sqlite::SqliteStore,
+        reads: std::sync::atomic::AtomicUsize,
+        searches: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait]
+    impl FhirStore for Counting {
+        fn backend_name(&self) -> &'static str {
+            "counting"
+        }
+        async fn create(
+            &self,
+            resource: Value,
+            if_none_exist: Option<&str>,
+        ) -> crate::store::StoreResult<crate::store::WriteOutcome> {
+            self.inner.create(resource, if_none_exist).await
+        }
+        async fn update(
+            &self,
+            resource_type: &str,
+            id: &str,
+            resource: Value,
+            if_match: Option<&str>,
+        ) -> crate::store::StoreResult<crate::store::WriteOutcome> {
+            self.inner
+                .update(resource_type, id, resource, if_match)
+                .await
+        }
+        async fn conditional_update(
+            &self,
+            resource_type: &str,
+            query: &str,
+            resource: Value,
+            if_match: Option<&str>,
+        ) -> crate::store::StoreResult<crate::store::WriteOutcome> {
+            self.inner
+                .conditional_update(resource_type, query, resource, if_match)
+                .await
+        }
+        async fn read(
+            &self,
+            resource_type: &str,
+            id: &str,
+        ) -> crate::store::StoreResult<StoredResource> {
+            self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.inner.read(resource_type, id).await
+        }
+        async fn vread(
+            &self,
+            resource_type: &str,
+            id: &str,
+            version_id: &str,
+        ) -> crate::store::StoreResult<StoredResource> {
+            self.inner.vread(resource_type, id, version_id).await
+        }
+        async fn delete(
+            &self,
+            resource_type: &str,
+            id: &str,
+            if_match: Option<&str>,
+        ) -> crate::store::StoreResult<Option<String>> {
+            self.inner.delete(resource_type, id, if_match).await
+        }
+        async fn search(
+            &self,
+            request: SearchRequest,
+        ) -> crate::store::StoreResult<crate::store::SearchPage> {
+            self.searches
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.inner.search(request).await
+        }
+        async fn history(
+            &self,
+            request: HistoryRequest,
+        ) -> crate::store::StoreResult<crate::store::HistoryPage> {
+            self.inner.history(request).await
+        }
+        async fn process_bundle(&self, bundle: Value) -> crate::store::StoreResult<Value> {
+            self.inner.process_bundle(bundle).await
+        }
+        async fn check(&self) -> crate::store::StoreResult<crate::store::BackendStatus> {
+            self.inner.check().await
+        }
+    }
+
+    #[tokio::test]
+    async fn members_are_read_in_bulk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Counting {
+            inner: crate::store::sqlite::SqliteStore::open(&dir.path().join("fhir.sqlite"))
+                .await
+                .unwrap(),
+            reads: Default::default(),
+            searches: Default::default(),
+        };
+        let mut members = Vec::new();
+        for n in 0..250 {
+            let (resource_type, id) = if n % 5 == 0 {
+                ("Patient", format!("pa{n}"))
+            } else {
+                ("Practitioner", format!("pr{n}"))
+            };
+            let person = json!({"resourceType": resource_type, "id": id,
+                "identifier": [{"system": CONTACT_UUID_SYSTEM, "value": format!("c-{n}")}]});
+            store
+                .update(resource_type, &id, person, None)
+                .await
+                .unwrap();
+            members.push(json!({"entity": {"reference": format!("{resource_type}/{id}")}}));
+        }
+        let group =
+            json!({"resourceType": "Group", "type": "person", "actual": true, "member": members});
+        let fake = Fake::default();
+        let sync = GroupSync {
+            store: &store,
+            directory: &fake,
+            source: GroupsSource::Fhir,
+        };
+        let wanted = sync.wanted(&group).await.unwrap();
+        assert_eq!(wanted.contacts.len(), 250);
+        assert_eq!(store.reads.load(std::sync::atomic::Ordering::SeqCst), 0);
+        // 200 Practitioners in 2 searches of 100 ids, 50 Patients in 1.
+        assert_eq!(store.searches.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
 }
