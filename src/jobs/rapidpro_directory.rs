@@ -1,5 +1,6 @@
 //! `RapidProDirectory`: the contact sync's view of RapidPro
-//! ([`ContactDirectory`]) over the API v2 client. Creates the `globalid`
+//! ([`ContactDirectory`]) and the group sync's ([`GroupDirectory`]) over
+//! the API v2 client. Creates the `globalid`
 //! and `mheroentitytype` contact fields on first use (once per process).
 
 use std::collections::BTreeMap;
@@ -9,6 +10,7 @@ use futures::StreamExt;
 use tokio::sync::OnceCell;
 
 use super::contact_sync::{ContactDirectory, RemoteContact, SyncError};
+use super::group_sync::{GroupDirectory, RemoteGroup};
 use crate::pipeline::contact::ContactDraft;
 use crate::rapidpro::client::{ContactLookup, ContactQuery, RapidProClient, RapidProError};
 use crate::rapidpro::types::{
@@ -182,5 +184,83 @@ impl ContactDirectory for RapidProDirectory {
 
     fn extra_fields(&self) -> &[String] {
         &self.extra_fields
+    }
+}
+
+fn remote_group(group: crate::rapidpro::types::Group) -> RemoteGroup {
+    RemoteGroup {
+        uuid: group.uuid,
+        name: group.name,
+        smart: group.query.as_deref().is_some_and(|q| !q.is_empty()),
+        system: group.system,
+    }
+}
+
+#[async_trait]
+impl GroupDirectory for RapidProDirectory {
+    async fn groups(&self) -> Result<Vec<RemoteGroup>, SyncError> {
+        let mut stream = self.client.groups(None);
+        let mut groups = Vec::new();
+        while let Some(group) = stream.next().await {
+            groups.push(remote_group(group.map_err(rapidpro_error)?));
+        }
+        Ok(groups)
+    }
+
+    async fn create_group(&self, name: &str) -> Result<RemoteGroup, SyncError> {
+        self.client
+            .create_group(name)
+            .await
+            .map(remote_group)
+            .map_err(rapidpro_error)
+    }
+
+    async fn group_members(&self, group_uuid: &str) -> Result<Vec<String>, SyncError> {
+        let query = ContactQuery {
+            group: Some(group_uuid.to_string()),
+            ..Default::default()
+        };
+        let mut stream = self.client.contacts(&query);
+        let mut members = Vec::new();
+        while let Some(contact) = stream.next().await {
+            members.push(contact.map_err(rapidpro_error)?.uuid);
+        }
+        Ok(members)
+    }
+
+    async fn add_to_group(&self, group_uuid: &str, contacts: &[String]) -> Result<(), SyncError> {
+        self.group_action(group_uuid, contacts, ContactAction::Add)
+            .await
+    }
+
+    async fn remove_from_group(
+        &self,
+        group_uuid: &str,
+        contacts: &[String],
+    ) -> Result<(), SyncError> {
+        self.group_action(group_uuid, contacts, ContactAction::Remove)
+            .await
+    }
+}
+
+impl RapidProDirectory {
+    async fn group_action(
+        &self,
+        group_uuid: &str,
+        contacts: &[String],
+        action: ContactAction,
+    ) -> Result<(), SyncError> {
+        if contacts.is_empty() {
+            return Ok(());
+        }
+        let request = ContactActionRequest {
+            contacts: contacts.to_vec(),
+            action,
+            group: Some(group_uuid.to_string()),
+        };
+        self.client
+            .contact_actions(&request)
+            .await
+            .map_err(rapidpro_error)
     }
 }
