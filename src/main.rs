@@ -132,7 +132,21 @@ async fn main() -> ExitCode {
             what: SyncTarget::Contacts,
             full,
         } => sync_contacts(settings, full).await,
-        Command::Sync { .. } => not_yet("sync groups|flows|messages|runs|all"),
+        Command::Sync {
+            what: SyncTarget::Groups,
+            full,
+        } => sync_groups(&settings, full).await,
+        Command::Sync {
+            what: SyncTarget::All,
+            full,
+        } => {
+            let contacts = sync_contacts(settings.clone(), full).await;
+            if contacts != ExitCode::SUCCESS {
+                return contacts;
+            }
+            sync_groups(&settings, full).await
+        }
+        Command::Sync { .. } => not_yet("sync flows|messages|runs"),
         Command::Reindex => not_yet("reindex"),
         Command::Import { files } => import(settings, files).await,
         Command::Check => check(settings).await,
@@ -345,6 +359,27 @@ async fn sync_contacts(settings: Settings, full: bool) -> ExitCode {
         Ok((pushed, pulled)) => {
             print!("{pushed}{pulled}");
             if pushed.failures.is_empty() && pulled.failures.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(mhero::cli::sync::SyncCommandError::Config(e)) => {
+            eprintln!("cannot sync: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("sync failed: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn sync_groups(settings: &Settings, full: bool) -> ExitCode {
+    match mhero::cli::sync::sync_groups(settings, full).await {
+        Ok(report) => {
+            print!("{report}");
+            if report.failures.is_empty() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)

@@ -70,6 +70,7 @@ fn contact_sync_job(
         phones,
         import_unknown_contacts: rapidpro.import_unknown_contacts,
         poll_overlap: chrono::Duration::seconds(rapidpro.contact_poll_overlap_secs as i64),
+        groups_source: settings.groups.source,
     }))
 }
 

@@ -257,9 +257,11 @@ fn sync_contacts_pushes_people_to_rapidpro_and_needs_it_configured() {
             .success()
     );
 
-    let unconfigured = mhero(&dir).args(["sync", "contacts"]).output().unwrap();
-    assert_eq!(unconfigured.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&unconfigured.stderr).contains("rapidpro.base_url"));
+    for target in ["contacts", "groups", "all"] {
+        let unconfigured = mhero(&dir).args(["sync", target]).output().unwrap();
+        assert_eq!(unconfigured.status.code(), Some(2), "sync {target}");
+        assert!(String::from_utf8_lossy(&unconfigured.stderr).contains("rapidpro.base_url"));
+    }
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let sandbox = runtime
@@ -287,5 +289,19 @@ fn sync_contacts_pushes_people_to_rapidpro_and_needs_it_configured() {
     );
     let state = sandbox.sandbox().state();
     assert_eq!(state["contacts"][0]["urns"][0], "tel:+231770005001");
+    let all = mhero(&dir)
+        .args(["sync", "all"])
+        .env("MHERO__RAPIDPRO__BASE_URL", sandbox.base_url())
+        .env("MHERO__RAPIDPRO__TOKEN", sandbox.token())
+        .env("MHERO__PHONE__DEFAULT_COUNTRY", "LR")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&all.stdout);
+    assert!(all.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("0 created, 0 updated, 1 unchanged")
+            && stdout.contains("groups: 0 examined"),
+        "{stdout}"
+    );
     runtime.block_on(sandbox.shutdown()).unwrap();
 }

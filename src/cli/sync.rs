@@ -1,5 +1,5 @@
-//! `mhero sync contacts [--full]`: one contact sync pass now in both
-//! directions, with a progress bar on a terminal and a summary.
+//! `mhero sync contacts|groups|all [--full]`: one sync pass now, with a
+//! progress bar on a terminal and a summary.
 
 use std::io::IsTerminal;
 
@@ -8,6 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::config::Settings;
 use crate::jobs::contact_status_poll::{ContactStatusPoll, StatusPollReport};
 use crate::jobs::contact_sync::{ContactSync, SyncReport};
+use crate::jobs::group_sync::{GroupSync, GroupSyncReport};
 use crate::jobs::rapidpro_directory::RapidProDirectory;
 use crate::pipeline::phone::PhoneNormalizer;
 use crate::rapidpro::client::RapidProClient;
@@ -23,6 +24,61 @@ pub enum SyncCommandError {
     /// A backend failed (exit 1).
     #[error("{0}")]
     Runtime(String),
+}
+
+/// The group sync: `groups.source` decides the direction; `full`
+/// re-checks every group against RapidPro (undoing hand edits there).
+pub async fn sync_groups(
+    settings: &Settings,
+    full: bool,
+) -> Result<GroupSyncReport, SyncCommandError> {
+    crate::install_tls_provider();
+    let client = RapidProClient::from_settings(
+        &settings.rapidpro,
+        Throttle::new(&settings.rapidpro.rate_per_hour),
+    )
+    .map_err(|e| SyncCommandError::Config(e.to_string()))?;
+    let directory = RapidProDirectory::new(client);
+    let store = open_store(&settings.fhir)
+        .await
+        .map_err(|e| SyncCommandError::Runtime(e.to_string()))?;
+    let sync = GroupSync {
+        store: store.as_ref(),
+        directory: &directory,
+        source: settings.groups.source,
+    };
+    let report = if full {
+        sync.reconcile().await
+    } else {
+        sync.run_once().await
+    };
+    report.map_err(|e| SyncCommandError::Runtime(e.to_string()))
+}
+
+impl std::fmt::Display for GroupSyncReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "groups: {} examined: {} created, {} updated, {} unchanged, {} emptied, {} ignored; {} members not yet synced, {} not messageable; {} conflicts, {} failed",
+            self.examined,
+            self.created,
+            self.updated,
+            self.unchanged,
+            self.emptied,
+            self.ignored,
+            self.not_yet_synced,
+            self.not_messageable,
+            self.conflicts.len(),
+            self.failures.len()
+        )?;
+        for conflict in &self.conflicts {
+            writeln!(f, "  conflict: {conflict}")?;
+        }
+        for failure in &self.failures {
+            writeln!(f, "  failed: {failure}")?;
+        }
+        Ok(())
+    }
 }
 
 /// Both directions: FHIR -> RapidPro, then RapidPro -> FHIR statuses.

@@ -353,8 +353,8 @@ impl ContactSync<'_> {
     }
 }
 
-/// The contact sync as a background job of `mhero serve`: FHIR -> RapidPro,
-/// then RapidPro -> FHIR statuses.
+/// The RapidPro sync as a background job of `mhero serve`: contacts FHIR ->
+/// RapidPro, then RapidPro -> FHIR statuses, then groups.
 pub struct ContactSyncJob {
     pub store: crate::store::SharedStore,
     pub client: crate::rapidpro::client::RapidProClient,
@@ -362,6 +362,8 @@ pub struct ContactSyncJob {
     pub phones: PhoneNormalizer,
     pub import_unknown_contacts: bool,
     pub poll_overlap: chrono::Duration,
+    /// Which side owns group membership (the group sync runs after the contacts).
+    pub groups_source: crate::config::GroupsSource,
 }
 
 #[async_trait]
@@ -386,6 +388,14 @@ impl super::runner::Job for ContactSyncJob {
             overlap: self.poll_overlap,
         };
         let pulled = poll.run_once().await.map_err(|e| e.to_string())?;
+        let groups = super::group_sync::GroupSync {
+            store: self.store.as_ref(),
+            directory: &self.directory,
+            source: self.groups_source,
+        }
+        .run_once()
+        .await
+        .map_err(|e| e.to_string())?;
         let summary = format!(
             "to RapidPro: {} created, {} updated, {} blocked, {} unchanged, {} conflicts, {} failed; from RapidPro: {} contacts read, {} consent changes, {} imported",
             pushed.created,
@@ -398,11 +408,20 @@ impl super::runner::Job for ContactSyncJob {
             pulled.consent_changes,
             pulled.imported
         );
-        if pushed.failures.is_empty() && pulled.failures.is_empty() {
+        let summary = format!(
+            "{summary}; groups: {} created, {} updated, {} unchanged, {} emptied, {} conflicts",
+            groups.created,
+            groups.updated,
+            groups.unchanged,
+            groups.emptied,
+            groups.conflicts.len()
+        );
+        if pushed.failures.is_empty() && pulled.failures.is_empty() && groups.failures.is_empty() {
             Ok(summary)
         } else {
             let mut failures = pushed.failures;
             failures.extend(pulled.failures);
+            failures.extend(groups.failures);
             Err(format!("{summary}; first failure: {}", failures[0]))
         }
     }
