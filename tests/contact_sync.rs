@@ -57,20 +57,39 @@ impl ContactDirectory for FakeDirectory {
     }
     async fn create(&self, draft: &ContactDraft) -> Result<RemoteContact, SyncError> {
         self.calls.lock().unwrap().push("create".into());
+        let mut contacts = self.contacts.lock().unwrap();
+        // As in RapidPro: a create with a URN someone has is a 400.
+        if contacts
+            .values()
+            .any(|c| c.0.iter().any(|u| draft.urns.contains(u)))
+        {
+            return Err(SyncError::UrnTaken);
+        }
         let uuid = uuid::Uuid::new_v4().to_string();
         let entry = (draft.urns.clone(), Some(draft.global_id.clone()), false);
-        self.contacts
-            .lock()
-            .unwrap()
-            .insert(uuid.clone(), entry.clone());
+        contacts.insert(uuid.clone(), entry.clone());
         Ok(self.remote(&uuid, &entry))
     }
     async fn update(&self, uuid: &str, draft: &ContactDraft) -> Result<RemoteContact, SyncError> {
         self.calls.lock().unwrap().push(format!("update {uuid}"));
         let mut contacts = self.contacts.lock().unwrap();
-        // An update does not unblock a contact (as in RapidPro).
-        let blocked = contacts.get(uuid).is_some_and(|c| c.2);
-        let entry = (draft.urns.clone(), Some(draft.global_id.clone()), blocked);
+        let Some(existing) = contacts.get(uuid) else {
+            return Err(SyncError::ContactNotFound);
+        };
+        // As in RapidPro: an update does not unblock, and silently skips
+        // URNs that another contact has.
+        let blocked = existing.2;
+        let urns: Vec<String> = draft
+            .urns
+            .iter()
+            .filter(|u| {
+                !contacts
+                    .iter()
+                    .any(|(other, c)| other != uuid && c.0.contains(u))
+            })
+            .cloned()
+            .collect();
+        let entry = (urns, Some(draft.global_id.clone()), blocked);
         contacts.insert(uuid.to_string(), entry.clone());
         Ok(self.remote(uuid, &entry))
     }
@@ -382,4 +401,86 @@ async fn invalid_phones_are_recorded_beside_the_person_and_cleared_when_fixed() 
             .is_err(),
         "cleared once the phone is fixed"
     );
+}
+
+#[tokio::test]
+async fn one_call_per_new_or_changed_person_and_lookups_only_when_needed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("fhir.sqlite"))
+        .await
+        .unwrap();
+    store
+        .update("Practitioner", "a", person("a", Some("0770123456")), None)
+        .await
+        .unwrap();
+    let directory = FakeDirectory::default();
+    // Someone else's contact, and a contact made in RapidPro by hand (no globalid).
+    directory.contacts.lock().unwrap().insert(
+        "theirs".into(),
+        (
+            vec!["tel:+231886123456".into()],
+            Some("other".into()),
+            false,
+        ),
+    );
+    directory.contacts.lock().unwrap().insert(
+        "by-hand".into(),
+        (vec!["tel:+231555123456".into()], None, false),
+    );
+    store
+        .update("Practitioner", "b", person("b", Some("0555123456")), None)
+        .await
+        .unwrap();
+    let phones = PhoneNormalizer::new(Some("LR")).unwrap();
+    let sync = ContactSync {
+        store: &store,
+        directory: &directory,
+        phones: &phones,
+        page_size: 50,
+        progress: indicatif::ProgressBar::hidden(),
+    };
+
+    let first = sync.run_once(false).await.unwrap();
+    assert_eq!((first.created, first.updated), (1, 1), "{first:?}");
+    let calls = directory.calls.lock().unwrap().clone();
+    assert_eq!(
+        calls.iter().filter(|c| c.starts_with("get")).count(),
+        1,
+        "one lookup, for the refused create: {calls:?}"
+    );
+    assert!(
+        calls.contains(&"update by-hand".to_string()),
+        "the hand-made contact is adopted: {calls:?}"
+    );
+
+    // A new phone that another contact has: RapidPro skips it on update; reported.
+    directory.calls.lock().unwrap().clear();
+    let mut a = store.read("Practitioner", "a").await.unwrap().resource;
+    a["telecom"] = json!([{ "system": "phone", "value": "0886123456" }]);
+    store.update("Practitioner", "a", a, None).await.unwrap();
+    let second = sync.run_once(false).await.unwrap();
+    assert_eq!(second.conflicts.len(), 1, "{second:?}");
+    assert!(
+        second.conflicts[0].contains("another contact has it"),
+        "{second:?}"
+    );
+    let calls = directory.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1, "a changed person costs one call: {calls:?}");
+    assert_eq!(
+        directory.contacts.lock().unwrap()["theirs"].1.as_deref(),
+        Some("other"),
+        "not stolen"
+    );
+
+    // A contact deleted in RapidPro is made again.
+    let uuid_b = store.read("Practitioner", "b").await.unwrap().resource["identifier"][0]["value"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    directory.contacts.lock().unwrap().remove(&uuid_b);
+    let mut b = store.read("Practitioner", "b").await.unwrap().resource;
+    b["name"] = json!([{ "text": "Renamed" }]);
+    store.update("Practitioner", "b", b, None).await.unwrap();
+    let third = sync.run_once(false).await.unwrap();
+    assert_eq!(third.created, 1, "{third:?}");
 }

@@ -30,6 +30,12 @@ pub struct RemoteContact {
 pub enum SyncError {
     #[error("RapidPro: {0}")]
     RapidPro(String),
+    /// The contact named by a UUID does not exist (any more) in RapidPro.
+    #[error("RapidPro: no such contact")]
+    ContactNotFound,
+    /// RapidPro refused a create because a URN belongs to another contact.
+    #[error("RapidPro: a URN is in use by another contact")]
+    UrnTaken,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -82,6 +88,79 @@ pub struct SyncReport {
     pub failures: Vec<String>,
 }
 
+/// The contact found by the written-back UUID, else by any URN.
+async fn find_existing(
+    directory: &dyn ContactDirectory,
+    contact: &ContactDraft,
+) -> Result<Option<RemoteContact>, SyncError> {
+    if let Some(uuid) = &contact.contact_uuid
+        && let Some(found) = directory.find_by_uuid(uuid).await?
+    {
+        return Ok(Some(found));
+    }
+    find_by_urns(directory, contact).await
+}
+
+async fn find_by_urns(
+    directory: &dyn ContactDirectory,
+    contact: &ContactDraft,
+) -> Result<Option<RemoteContact>, SyncError> {
+    for urn in &contact.urns {
+        if let Some(remote) = directory.find_by_urn(urn).await? {
+            return Ok(Some(remote));
+        }
+    }
+    Ok(None)
+}
+
+/// A contact that belongs to another person: reported, never taken over.
+fn conflict_with(contact: &ContactDraft, remote: &RemoteContact) -> Option<PersonOutcome> {
+    let owner = remote
+        .global_id
+        .as_deref()
+        .filter(|g| !g.is_empty() && *g != contact.global_id)?;
+    Some(PersonOutcome::Conflict(format!(
+        "{}/{}: a phone number of this person belongs to RapidPro contact {} of {owner}",
+        contact.entity_type, contact.global_id, remote.uuid
+    )))
+}
+
+/// After an update: undo the connector's own block, and report URNs that
+/// RapidPro skipped because another contact has them (it drops them from
+/// an update silently).
+async fn finish_update(
+    directory: &dyn ContactDirectory,
+    contact: &ContactDraft,
+    remote: RemoteContact,
+    blocked_by_us: bool,
+) -> Result<PersonOutcome, SyncError> {
+    // Only a block the connector made is undone: an operator's block (or
+    // one RapidPro applied) stays.
+    if remote.blocked && blocked_by_us && !contact.opted_out {
+        directory.unblock(&remote.uuid).await?;
+    }
+    let skipped: Vec<&str> = contact
+        .urns
+        .iter()
+        .filter(|u| !remote.urns.contains(u))
+        .map(|u| u.as_str())
+        .collect();
+    if !skipped.is_empty() {
+        let masked: Vec<String> = skipped
+            .iter()
+            .map(|u| crate::telemetry::redact_phones(u))
+            .collect();
+        return Ok(PersonOutcome::Conflict(format!(
+            "{}/{}: RapidPro kept {} off contact {} because another contact has it",
+            contact.entity_type,
+            contact.global_id,
+            masked.join(", "),
+            remote.uuid
+        )));
+    }
+    Ok(PersonOutcome::Updated(remote.uuid))
+}
+
 /// Sync one person (already read from the store).
 pub async fn sync_person(
     store: &dyn FhirStore,
@@ -106,53 +185,54 @@ pub async fn sync_person(
         return Ok(PersonOutcome::Unchanged);
     }
     super::sync_status::record(store, &contact).await?;
-    let known = match &contact.contact_uuid {
-        Some(uuid) => directory.find_by_uuid(uuid).await?,
-        None => None,
-    };
-    let existing = match known {
-        Some(found) => Some(found),
-        None => {
-            let mut found = None;
-            for urn in &contact.urns {
-                if let Some(remote) = directory.find_by_urn(urn).await? {
-                    found = Some(remote);
-                    break;
-                }
-            }
-            found
-        }
-    };
-    if let Some(remote) = &existing
-        && let Some(owner) = remote
-            .global_id
-            .as_deref()
-            .filter(|g| !g.is_empty() && *g != contact.global_id)
-    {
-        return Ok(PersonOutcome::Conflict(format!(
-            "{}/{}: a phone number of this person belongs to RapidPro contact {} of {owner}",
-            contact.entity_type, contact.global_id, remote.uuid
-        )));
-    }
     let blocked_by_us = blocked_by_connector(resource);
-    let outcome = match (existing, contact.inactive) {
-        (Some(remote), true) => {
-            if !remote.blocked {
-                directory.block(&remote.uuid).await?;
+    let outcome = if contact.inactive {
+        // Rare: find the contact the person had, and block it.
+        match find_existing(directory, &contact).await? {
+            Some(remote) => {
+                if let Some(conflict) = conflict_with(&contact, &remote) {
+                    return Ok(conflict);
+                }
+                if !remote.blocked {
+                    directory.block(&remote.uuid).await?;
+                }
+                PersonOutcome::Blocked(remote.uuid)
             }
-            PersonOutcome::Blocked(remote.uuid)
+            None => PersonOutcome::NoPhone,
         }
-        (None, true) => PersonOutcome::NoPhone,
-        (Some(remote), false) => {
-            // Only a block the connector made is undone: an operator's block
-            // (or one RapidPro applied) stays.
-            if remote.blocked && blocked_by_us && !contact.opted_out {
-                directory.unblock(&remote.uuid).await?;
-            }
-            PersonOutcome::Updated(directory.update(&remote.uuid, &contact).await?.uuid)
+    } else {
+        // The usual case costs one call: update by the written-back UUID,
+        // or create. Lookups happen only when RapidPro says they must.
+        let updated = match &contact.contact_uuid {
+            Some(uuid) => match directory.update(uuid, &contact).await {
+                Ok(remote) => Some(remote),
+                // Deleted in RapidPro: create it again (or find it by URN).
+                Err(SyncError::ContactNotFound) => None,
+                Err(e) => return Err(e),
+            },
+            None => None,
+        };
+        match updated {
+            Some(remote) => finish_update(directory, &contact, remote, blocked_by_us).await?,
+            None if contact.urns.is_empty() => PersonOutcome::NoPhone,
+            None => match directory.create(&contact).await {
+                Ok(remote) => PersonOutcome::Created(remote.uuid),
+                Err(SyncError::UrnTaken) => {
+                    let Some(remote) = find_by_urns(directory, &contact).await? else {
+                        return Err(SyncError::RapidPro(
+                            "RapidPro says a URN is taken, but no contact has it".into(),
+                        ));
+                    };
+                    if let Some(conflict) = conflict_with(&contact, &remote) {
+                        return Ok(conflict);
+                    }
+                    // A contact made in RapidPro by hand (no globalid) is adopted.
+                    let remote = directory.update(&remote.uuid, &contact).await?;
+                    finish_update(directory, &contact, remote, blocked_by_us).await?
+                }
+                Err(e) => return Err(e),
+            },
         }
-        (None, false) if contact.urns.is_empty() => PersonOutcome::NoPhone,
-        (None, false) => PersonOutcome::Created(directory.create(&contact).await?.uuid),
     };
     let written = match &outcome {
         PersonOutcome::Created(uuid) | PersonOutcome::Updated(uuid) => Some((uuid, false)),

@@ -154,24 +154,34 @@ impl ContactDirectory for RapidProDirectory {
 
     async fn create(&self, draft: &ContactDraft) -> Result<RemoteContact, SyncError> {
         self.ensure_fields().await?;
-        self.client
-            .create_contact(&contact_write(draft))
-            .await
-            .map(remote)
-            .map_err(rapidpro_error)
+        match self.client.create_contact(&contact_write(draft)).await {
+            Ok(contact) => Ok(remote(contact)),
+            Err(RapidProError::Invalid(errors))
+                if errors
+                    .urn_errors()
+                    .iter()
+                    .any(|(_, message)| message.contains("in use")) =>
+            {
+                Err(SyncError::UrnTaken)
+            }
+            Err(e) => Err(rapidpro_error(e)),
+        }
     }
 
     async fn update(&self, uuid: &str, draft: &ContactDraft) -> Result<RemoteContact, SyncError> {
         self.ensure_fields().await?;
-        let (_, contact) = self
+        match self
             .client
             .update_contact(
                 &ContactLookup::Uuid(uuid.to_string()),
                 &contact_write(draft),
             )
             .await
-            .map_err(rapidpro_error)?;
-        Ok(remote(contact))
+        {
+            Ok((_, contact)) => Ok(remote(contact)),
+            Err(RapidProError::NotFound { .. }) => Err(SyncError::ContactNotFound),
+            Err(e) => Err(rapidpro_error(e)),
+        }
     }
 
     async fn block(&self, uuid: &str) -> Result<(), SyncError> {
