@@ -50,45 +50,20 @@ pub struct Message {
     pub sent_on: Option<DateTime<Utc>>,
 }
 
-fn list_error(value: &Value) -> Option<Value> {
-    match value {
-        Value::Array(items) if items.len() > 100 => {
-            Some(json!(["Ensure this field has no more than 100 elements."]))
-        }
-        Value::Array(_) => None,
-        other => Some(json!([format!(
-            "Expected a list of items but got type \"{}\".",
-            type_name(other)
-        )])),
-    }
+/// The recipients of a broadcast or a flow start (`urns`, `contacts`,
+/// `groups`), validated as RapidPro does; problems go into `errors`.
+pub(super) struct Recipients {
+    pub urns: Vec<String>,
+    pub contacts: Vec<u64>,
+    pub groups: Vec<u64>,
 }
 
-fn valid_text(s: &str) -> Result<(), &'static str> {
-    if s.trim().is_empty() {
-        Err("This field may not be blank.")
-    } else if s.chars().count() > 4096 {
-        Err("Ensure this field has no more than 4096 characters.")
-    } else {
-        Ok(())
-    }
-}
-
-fn is_language_code(k: &str) -> bool {
-    k.len() == 3 && k.chars().all(|c| c.is_ascii_lowercase())
-}
-
-pub fn create(inner: &mut Inner, req: &Req) -> Result<Reply, Reply> {
-    let body = req.json_object()?;
-    let mut errors = Map::new();
-    let country = inner.settings.workspace.country.clone();
-    let first_language = inner
-        .settings
-        .workspace
-        .languages
-        .first()
-        .cloned()
-        .unwrap_or_else(|| "eng".to_string());
-
+pub(super) fn parse_recipients(
+    inner: &Inner,
+    body: &Map<String, Value>,
+    country: Option<&str>,
+    errors: &mut Map<String, Value>,
+) -> Recipients {
     let mut urns = Vec::new();
     if let Some(v) = body.get("urns") {
         if let Some(e) = list_error(v) {
@@ -96,7 +71,7 @@ pub fn create(inner: &mut Inner, req: &Req) -> Result<Reply, Reply> {
         } else {
             let mut item_errors = Map::new();
             for (i, item) in v.as_array().into_iter().flatten().enumerate() {
-                match item.as_str().map(|s| normalize_urn(s, country.as_deref())) {
+                match item.as_str().map(|s| normalize_urn(s, country)) {
                     Some(Ok(u)) if !urns.contains(&u) => urns.push(u),
                     Some(Ok(_)) => {}
                     Some(Err(msg)) => {
@@ -141,6 +116,57 @@ pub fn create(inner: &mut Inner, req: &Req) -> Result<Reply, Reply> {
             }
         }
     }
+    Recipients {
+        urns,
+        contacts,
+        groups,
+    }
+}
+
+fn list_error(value: &Value) -> Option<Value> {
+    match value {
+        Value::Array(items) if items.len() > 100 => {
+            Some(json!(["Ensure this field has no more than 100 elements."]))
+        }
+        Value::Array(_) => None,
+        other => Some(json!([format!(
+            "Expected a list of items but got type \"{}\".",
+            type_name(other)
+        )])),
+    }
+}
+
+fn valid_text(s: &str) -> Result<(), &'static str> {
+    if s.trim().is_empty() {
+        Err("This field may not be blank.")
+    } else if s.chars().count() > 4096 {
+        Err("Ensure this field has no more than 4096 characters.")
+    } else {
+        Ok(())
+    }
+}
+
+fn is_language_code(k: &str) -> bool {
+    k.len() == 3 && k.chars().all(|c| c.is_ascii_lowercase())
+}
+
+pub fn create(inner: &mut Inner, req: &Req) -> Result<Reply, Reply> {
+    let body = req.json_object()?;
+    let mut errors = Map::new();
+    let country = inner.settings.workspace.country.clone();
+    let first_language = inner
+        .settings
+        .workspace
+        .languages
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "eng".to_string());
+
+    let Recipients {
+        urns,
+        contacts,
+        groups,
+    } = parse_recipients(inner, &body, country.as_deref(), &mut errors);
     let mut text = Map::new();
     match body.get("text") {
         None | Some(Value::Null) => {}

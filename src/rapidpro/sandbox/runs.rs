@@ -10,12 +10,11 @@ use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 
-use super::broadcasts::new_contact;
-use super::contacts::{find_live_contact, is_uuid, resolve_groups, type_name};
+use super::broadcasts::{Recipients, new_contact, parse_recipients};
+use super::contacts::is_uuid;
 use super::groups::field_key;
 use super::http::{Reply, Req, Row, in_range, paginate};
 use super::state::{Inner, Status, format_dt};
-use super::urn::normalize_urn;
 
 #[derive(Debug, Clone)]
 pub struct FlowStart {
@@ -50,19 +49,6 @@ pub struct Run {
     pub exited_on: Option<DateTime<Utc>>,
     /// None while waiting; `completed|interrupted|expired|failed`.
     pub exit_type: Option<String>,
-}
-
-fn list_error(value: &Value) -> Option<Value> {
-    match value {
-        Value::Array(items) if items.len() > 100 => {
-            Some(json!(["Ensure this field has no more than 100 elements."]))
-        }
-        Value::Array(_) => None,
-        other => Some(json!([format!(
-            "Expected a list of items but got type \"{}\".",
-            type_name(other)
-        )])),
-    }
 }
 
 fn boolean(
@@ -108,57 +94,11 @@ pub fn create_start(inner: &mut Inner, req: &Req) -> Result<Reply, Reply> {
             }
         }
     }
-    let mut urns = Vec::new();
-    if let Some(v) = body.get("urns") {
-        if let Some(e) = list_error(v) {
-            errors.insert("urns".into(), e);
-        } else {
-            let mut item_errors = Map::new();
-            for (i, item) in v.as_array().into_iter().flatten().enumerate() {
-                match item.as_str().map(|s| normalize_urn(s, country.as_deref())) {
-                    Some(Ok(u)) if !urns.contains(&u) => urns.push(u),
-                    Some(Ok(_)) => {}
-                    Some(Err(msg)) => {
-                        item_errors.insert(i.to_string(), json!([msg]));
-                    }
-                    None => {
-                        item_errors.insert(i.to_string(), json!(["Not a valid string."]));
-                    }
-                }
-            }
-            if !item_errors.is_empty() {
-                errors.insert("urns".into(), Value::Object(item_errors));
-            }
-        }
-    }
-    let mut contacts = Vec::new();
-    if let Some(v) = body.get("contacts") {
-        if let Some(e) = list_error(v) {
-            errors.insert("contacts".into(), e);
-        } else {
-            for item in v.as_array().into_iter().flatten() {
-                let key = item
-                    .as_str()
-                    .map_or_else(|| item.to_string(), str::to_string);
-                match find_live_contact(inner, &key) {
-                    Some(i) => contacts.push(inner.contacts[i].id),
-                    None => {
-                        errors.insert("contacts".into(), json!([format!("No such object: {key}")]));
-                        break;
-                    }
-                }
-            }
-        }
-    }
-    let mut groups = Vec::new();
-    if let Some(v) = body.get("groups") {
-        match resolve_groups(inner, v) {
-            Ok(ids) => groups = ids,
-            Err(e) => {
-                errors.insert("groups".into(), e);
-            }
-        }
-    }
+    let Recipients {
+        urns,
+        contacts,
+        groups,
+    } = parse_recipients(inner, &body, country.as_deref(), &mut errors);
     let restart_participants = boolean(&body, "restart_participants", true, &mut errors);
     let exclude_active = boolean(&body, "exclude_active", false, &mut errors);
     let params_key = if body.contains_key("params") {
