@@ -660,17 +660,7 @@ impl RapidProClient {
     /// error or 5xx: the caller must look the contact up before trying
     /// again (or use [`RapidProClient::update_contact`] with `?urn=`).
     pub async fn create_contact(&self, contact: &ContactWrite) -> RapidProResult<Contact> {
-        let url = self.endpoint("contacts", &[])?;
-        let reply = self
-            .write(
-                Method::POST,
-                url,
-                Scope::Contacts,
-                Some(contact),
-                Repeat::Never,
-            )
-            .await?;
-        decode(&reply)
+        self.create("contacts", Scope::Contacts, contact).await
     }
 
     /// Update the contact named by `lookup` (200). With
@@ -743,14 +733,14 @@ impl RapidProClient {
 
     /// Create a manual group (201). Not re-sent on failure.
     pub async fn create_group(&self, name: &str) -> RapidProResult<Group> {
-        let url = self.endpoint("groups", &[])?;
-        let body = GroupWrite {
-            name: name.to_string(),
-        };
-        let reply = self
-            .write(Method::POST, url, Scope::V2, Some(&body), Repeat::Never)
-            .await?;
-        decode(&reply)
+        self.create(
+            "groups",
+            Scope::V2,
+            &GroupWrite {
+                name: name.to_string(),
+            },
+        )
+        .await
     }
 
     /// Delete a group by UUID (204).
@@ -770,11 +760,7 @@ impl RapidProClient {
     /// Create a contact field (201); RapidPro derives the key from the
     /// name. Not re-sent on failure.
     pub async fn create_field(&self, field: &FieldWrite) -> RapidProResult<Field> {
-        let url = self.endpoint("fields", &[])?;
-        let reply = self
-            .write(Method::POST, url, Scope::V2, Some(field), Repeat::Never)
-            .await?;
-        decode(&reply)
+        self.create("fields", Scope::V2, field).await
     }
 
     // ----- flows, starts, broadcasts, messages, runs -------------------------
@@ -792,11 +778,7 @@ impl RapidProClient {
     /// Start a flow (201, status `pending`). Never re-sent: a repeat would
     /// start the flow twice.
     pub async fn create_flow_start(&self, start: &FlowStartWrite) -> RapidProResult<FlowStart> {
-        let url = self.endpoint("flow_starts", &[])?;
-        let reply = self
-            .write(Method::POST, url, Scope::V2, Some(start), Repeat::Never)
-            .await?;
-        decode(&reply)
+        self.create("flow_starts", Scope::V2, start).await
     }
 
     /// Every (non-scheduled) broadcast (`after`/`before` on `created_on`).
@@ -807,11 +789,7 @@ impl RapidProClient {
     /// Send a broadcast (201, status `pending`). Never re-sent: a repeat
     /// would message everyone twice.
     pub async fn create_broadcast(&self, broadcast: &BroadcastWrite) -> RapidProResult<Broadcast> {
-        let url = self.endpoint("broadcasts", &[])?;
-        let reply = self
-            .write(Method::POST, url, Scope::V2, Some(broadcast), Repeat::Never)
-            .await?;
-        decode(&reply)
+        self.create("broadcasts", Scope::V2, broadcast).await
     }
 
     /// Every message matching `query`.
@@ -928,6 +906,21 @@ impl RapidProClient {
             repeat: Repeat::Safe,
         };
         let reply = self.send(&call).await?;
+        decode(&reply)
+    }
+
+    /// POST a new object to `endpoint` (201) and decode it. Never re-sent
+    /// after a failure that may have been processed: the caller reconciles.
+    async fn create<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        endpoint: &str,
+        scope: Scope,
+        body: &B,
+    ) -> RapidProResult<T> {
+        let url = self.endpoint(endpoint, &[])?;
+        let reply = self
+            .write(Method::POST, url, scope, Some(body), Repeat::Never)
+            .await?;
         decode(&reply)
     }
 
