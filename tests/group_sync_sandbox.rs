@@ -2,35 +2,46 @@
 //! contact sync, then FHIR Groups <-> RapidPro groups through the RapidPro
 //! client and the in-process sandbox.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
-use mhero::config::{GroupsSource, Settings};
+mod common;
+
+use mhero::config::GroupsSource;
 use mhero::jobs::contact_sync::ContactSync;
 use mhero::jobs::group_sync::{GROUP_UUID_SYSTEM, GroupSync, contact_uuid, group_link};
 use mhero::jobs::rapidpro_directory::RapidProDirectory;
 use mhero::pipeline::phone::PhoneNormalizer;
-use mhero::rapidpro::client::RapidProClient;
 use mhero::rapidpro::sandbox::{SandboxServer, SandboxSettings};
-use mhero::rapidpro::throttle::Throttle;
 use mhero::rapidpro::types::{ContactAction, ContactActionRequest};
 use mhero::store::FhirStore;
 use mhero::store::sqlite::SqliteStore;
 use serde_json::{Value, json};
 
-async fn client_for(sandbox: &SandboxServer) -> RapidProClient {
-    mhero::install_tls_provider();
-    let env = HashMap::from([
-        (
-            "MHERO__RAPIDPRO__BASE_URL".to_string(),
-            sandbox.base_url().to_string(),
-        ),
-        (
-            "MHERO__RAPIDPRO__TOKEN".to_string(),
-            sandbox.token().to_string(),
-        ),
-    ]);
-    let settings = Settings::load_from(None, Some(env)).unwrap();
-    RapidProClient::from_settings(&settings.rapidpro, Throttle::uniform(1_000_000)).unwrap()
+/// A store with `count` people synced to a fresh in-process sandbox.
+struct World {
+    dir: tempfile::TempDir,
+    store: SqliteStore,
+    sandbox: SandboxServer,
+    directory: RapidProDirectory,
+}
+
+async fn world(count: usize) -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("fhir.sqlite"))
+        .await
+        .unwrap();
+    people(&store, count).await;
+    let sandbox = SandboxServer::start(SandboxSettings::default())
+        .await
+        .unwrap();
+    let directory = RapidProDirectory::new(common::rapidpro_client_for(&sandbox).await);
+    sync_contacts(&store, &directory).await;
+    World {
+        dir,
+        store,
+        sandbox,
+        directory,
+    }
 }
 
 /// `count` practitioners `hw0..`, each with a valid Liberian mobile, and
@@ -124,16 +135,12 @@ async fn edit_group(store: &SqliteStore, id: &str, change: impl FnOnce(&mut Valu
 
 #[tokio::test]
 async fn fhir_groups_drive_rapidpro_membership() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("fhir.sqlite"))
-        .await
-        .unwrap();
-    people(&store, 5).await;
-    let sandbox = SandboxServer::start(SandboxSettings::default())
-        .await
-        .unwrap();
-    let directory = RapidProDirectory::new(client_for(&sandbox).await);
-    sync_contacts(&store, &directory).await;
+    let World {
+        dir: _dir,
+        store,
+        sandbox,
+        directory,
+    } = world(5).await;
     let uuids = [
         uuid_of(&store, "hw0").await,
         uuid_of(&store, "hw1").await,
@@ -244,16 +251,12 @@ async fn fhir_groups_drive_rapidpro_membership() {
 
 #[tokio::test]
 async fn a_deleted_group_empties_its_rapidpro_group() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("fhir.sqlite"))
-        .await
-        .unwrap();
-    people(&store, 2).await;
-    let sandbox = SandboxServer::start(SandboxSettings::default())
-        .await
-        .unwrap();
-    let directory = RapidProDirectory::new(client_for(&sandbox).await);
-    sync_contacts(&store, &directory).await;
+    let World {
+        dir: _dir,
+        store,
+        sandbox,
+        directory,
+    } = world(2).await;
     let group = json!({ "resourceType": "Group", "id": "cht", "type": "person", "actual": true,
         "name": "CHWs", "member": [member("hw0"), member("hw1")] });
     store.update("Group", "cht", group, None).await.unwrap();
@@ -284,16 +287,12 @@ async fn a_deleted_group_empties_its_rapidpro_group() {
 
 #[tokio::test]
 async fn membership_goes_to_rapidpro_in_batches_of_100() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("fhir.sqlite"))
-        .await
-        .unwrap();
-    people(&store, 250).await;
-    let sandbox = SandboxServer::start(SandboxSettings::default())
-        .await
-        .unwrap();
-    let directory = RapidProDirectory::new(client_for(&sandbox).await);
-    sync_contacts(&store, &directory).await;
+    let World {
+        dir: _dir,
+        store,
+        sandbox,
+        directory,
+    } = world(250).await;
     let members: Vec<Value> = (0..250).map(|n| member(&format!("hw{n}"))).collect();
     let group = json!({ "resourceType": "Group", "id": "all", "type": "practitioner", "actual": true,
         "name": "Everyone", "member": members });
@@ -330,7 +329,7 @@ async fn rapidpro_groups_drive_fhir_membership() {
     let sandbox = SandboxServer::start(SandboxSettings::default())
         .await
         .unwrap();
-    let client = client_for(&sandbox).await;
+    let client = common::rapidpro_client_for(&sandbox).await;
     let directory = RapidProDirectory::new(client.clone());
     sync_contacts(&store, &directory).await;
     let uuids = [
@@ -458,16 +457,12 @@ async fn rapidpro_groups_drive_fhir_membership() {
 
 #[tokio::test]
 async fn a_deleted_group_taken_over_by_another_is_not_emptied() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("fhir.sqlite"))
-        .await
-        .unwrap();
-    people(&store, 3).await;
-    let sandbox = SandboxServer::start(SandboxSettings::default())
-        .await
-        .unwrap();
-    let directory = RapidProDirectory::new(client_for(&sandbox).await);
-    sync_contacts(&store, &directory).await;
+    let World {
+        dir: _dir,
+        store,
+        sandbox,
+        directory,
+    } = world(3).await;
     let old = json!({ "resourceType": "Group", "id": "old", "type": "person", "actual": true,
         "name": "Vaccinators", "member": [member("hw0"), member("hw1")] });
     store.update("Group", "old", old, None).await.unwrap();
@@ -497,16 +492,12 @@ async fn a_deleted_group_taken_over_by_another_is_not_emptied() {
 
 #[tokio::test]
 async fn members_that_may_not_be_messaged_are_left_out() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("fhir.sqlite"))
-        .await
-        .unwrap();
-    people(&store, 2).await;
-    let sandbox = SandboxServer::start(SandboxSettings::default())
-        .await
-        .unwrap();
-    let directory = RapidProDirectory::new(client_for(&sandbox).await);
-    sync_contacts(&store, &directory).await;
+    let World {
+        dir: _dir,
+        store,
+        sandbox,
+        directory,
+    } = world(2).await;
     // hw1 is deactivated: the contact sync blocks its contact, and
     // RapidPro refuses to add a blocked contact to a group.
     let mut inactive = store.read("Practitioner", "hw1").await.unwrap().resource;
@@ -550,7 +541,7 @@ async fn reconcile_undoes_a_change_made_by_hand_in_rapidpro() {
     let sandbox = SandboxServer::start(SandboxSettings::default())
         .await
         .unwrap();
-    let client = client_for(&sandbox).await;
+    let client = common::rapidpro_client_for(&sandbox).await;
     let directory = RapidProDirectory::new(client.clone());
     sync_contacts(&store, &directory).await;
     let group = json!({ "resourceType": "Group", "id": "g", "type": "practitioner", "actual": true,
