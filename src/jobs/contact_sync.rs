@@ -13,6 +13,7 @@ use super::contact_writeback::{
 use super::cursor::Cursor;
 use crate::pipeline::contact::{ContactDraft, PERSON_TYPES, draft};
 use crate::pipeline::phone::PhoneNormalizer;
+use crate::pipeline::work_context::LocationCache;
 use crate::store::{FhirStore, HistoryMethod, HistoryRequest, SearchRequest, StoreError};
 
 /// A RapidPro contact as the sync needs to see it.
@@ -161,21 +162,18 @@ async fn finish_update(
     Ok(PersonOutcome::Updated(remote.uuid))
 }
 
-/// Sync one person (already read from the store).
+/// Sync one person (already read from the store). `locations` caches the
+/// Location hierarchy across the people of one pass.
 pub async fn sync_person(
     store: &dyn FhirStore,
     directory: &dyn ContactDirectory,
     phones: &PhoneNormalizer,
+    locations: &mut LocationCache,
     resource: &serde_json::Value,
 ) -> Result<PersonOutcome, SyncError> {
     let mut contact = draft(resource, phones);
-    crate::pipeline::work_context::enrich(
-        store,
-        &mut contact,
-        directory.extra_fields(),
-        &mut Default::default(),
-    )
-    .await?;
+    crate::pipeline::work_context::enrich(store, &mut contact, directory.extra_fields(), locations)
+        .await?;
     for rejected in &contact.rejected_phones {
         metrics::counter!("contact_sync_invalid_phones_total", "resource_type" => contact.entity_type.clone()).increment(1);
         tracing::warn!(person = %format!("{}/{}", contact.entity_type, contact.global_id), reason = %rejected, "phone number not usable; not sent to RapidPro");
@@ -273,6 +271,7 @@ impl ContactSync<'_> {
         // People written after the pass started (its own write-backs
         // included) wait for the next pass, which the cursor guarantees.
         let started = crate::fhir::format_instant(&chrono::Utc::now());
+        let mut locations = LocationCache::default();
         for resource_type in PERSON_TYPES {
             let mut cursor = Cursor::load(
                 self.store,
@@ -304,8 +303,14 @@ impl ContactSync<'_> {
                 for person in &page.matches {
                     report.examined += 1;
                     self.progress.inc(1);
-                    match sync_person(self.store, self.directory, self.phones, &person.resource)
-                        .await
+                    match sync_person(
+                        self.store,
+                        self.directory,
+                        self.phones,
+                        &mut locations,
+                        &person.resource,
+                    )
+                    .await
                     {
                         Ok(PersonOutcome::Unchanged) => report.unchanged += 1,
                         Ok(PersonOutcome::Created(_)) => report.created += 1,
