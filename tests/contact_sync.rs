@@ -109,6 +109,21 @@ impl ContactDirectory for FakeDirectory {
     }
 }
 
+fn pass_over<'a>(
+    store: &'a SqliteStore,
+    directory: &'a FakeDirectory,
+    phones: &'a PhoneNormalizer,
+    page_size: usize,
+) -> ContactSync<'a> {
+    ContactSync {
+        store,
+        directory,
+        phones,
+        page_size,
+        progress: indicatif::ProgressBar::hidden(),
+    }
+}
+
 fn person(id: &str, phone: Option<&str>) -> Value {
     let mut p = json!({ "resourceType": "Practitioner", "id": id, "active": true, "name": [{ "text": format!("Worker {id}") }] });
     if let Some(phone) = phone {
@@ -136,13 +151,7 @@ async fn sync_creates_then_costs_nothing_then_follows_changes() {
     }
     let directory = FakeDirectory::default();
     let phones = PhoneNormalizer::new(Some("LR")).unwrap();
-    let sync = ContactSync {
-        store: &store,
-        directory: &directory,
-        phones: &phones,
-        page_size: 2,
-        progress: indicatif::ProgressBar::hidden(),
-    };
+    let sync = pass_over(&store, &directory, &phones, 2);
 
     let first = sync.run_once(false).await.unwrap();
     assert_eq!(first.created, 2, "{first:?}");
@@ -230,13 +239,7 @@ async fn a_urn_owned_by_someone_else_is_a_reported_conflict() {
         ),
     );
     let phones = PhoneNormalizer::new(Some("LR")).unwrap();
-    let sync = ContactSync {
-        store: &store,
-        directory: &directory,
-        phones: &phones,
-        page_size: 50,
-        progress: indicatif::ProgressBar::hidden(),
-    };
+    let sync = pass_over(&store, &directory, &phones, 50);
     let report = sync.run_once(false).await.unwrap();
     assert_eq!(report.conflicts.len(), 1, "{report:?}");
     assert!(
@@ -273,13 +276,7 @@ async fn an_operators_block_is_never_undone() {
         (vec!["tel:+231770123456".into()], Some("kept".into()), true),
     );
     let phones = PhoneNormalizer::new(Some("LR")).unwrap();
-    let sync = ContactSync {
-        store: &store,
-        directory: &directory,
-        phones: &phones,
-        page_size: 50,
-        progress: indicatif::ProgressBar::hidden(),
-    };
+    let sync = pass_over(&store, &directory, &phones, 50);
     let report = sync.run_once(false).await.unwrap();
     assert_eq!(report.updated, 1, "{report:?}");
     assert!(
@@ -313,13 +310,7 @@ async fn a_deleted_person_has_the_contact_blocked_once() {
         .unwrap();
     let directory = FakeDirectory::default();
     let phones = PhoneNormalizer::new(Some("LR")).unwrap();
-    let sync = ContactSync {
-        store: &store,
-        directory: &directory,
-        phones: &phones,
-        page_size: 50,
-        progress: indicatif::ProgressBar::hidden(),
-    };
+    let sync = pass_over(&store, &directory, &phones, 50);
     assert_eq!(sync.run_once(false).await.unwrap().created, 1);
     let uuid = directory
         .contacts
@@ -358,13 +349,7 @@ async fn invalid_phones_are_recorded_beside_the_person_and_cleared_when_fixed() 
         .unwrap();
     let directory = FakeDirectory::default();
     let phones = PhoneNormalizer::new(Some("LR")).unwrap();
-    let sync = ContactSync {
-        store: &store,
-        directory: &directory,
-        phones: &phones,
-        page_size: 50,
-        progress: indicatif::ProgressBar::hidden(),
-    };
+    let sync = pass_over(&store, &directory, &phones, 50);
     assert_eq!(sync.run_once(false).await.unwrap().no_phone, 1);
     let status = store
         .read("Basic", &status_id("Practitioner", "p1"))
@@ -432,13 +417,7 @@ async fn one_call_per_new_or_changed_person_and_lookups_only_when_needed() {
         .await
         .unwrap();
     let phones = PhoneNormalizer::new(Some("LR")).unwrap();
-    let sync = ContactSync {
-        store: &store,
-        directory: &directory,
-        phones: &phones,
-        page_size: 50,
-        progress: indicatif::ProgressBar::hidden(),
-    };
+    let sync = pass_over(&store, &directory, &phones, 50);
 
     let first = sync.run_once(false).await.unwrap();
     assert_eq!((first.created, first.updated), (1, 1), "{first:?}");
