@@ -30,6 +30,10 @@
 //!   inspection (e.g. `EXPLAIN QUERY PLAN` in the sqlite3 CLI).
 //! - `MHERO_BENCH_OUT` (unset): path of the JSON report.
 
+#[path = "support/machine.rs"]
+mod machine;
+use machine::{cpu_model, load_average, peak_rss_kib};
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -111,39 +115,6 @@ fn stats(samples: &mut [Duration]) -> Stats {
 
 fn stats_json(s: &Stats) -> Value {
     json!({ "n": s.n, "mean_ms": s.mean_ms, "p50_ms": s.p50_ms, "p99_ms": s.p99_ms, "max_ms": s.max_ms })
-}
-
-fn peak_rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// The 1-minute load average (the machine may be shared).
-fn load_average() -> Option<f64> {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
 }
 
 /// Size of the database with its WAL, in MiB.
