@@ -54,6 +54,7 @@ pub struct Settings {
     pub rapidpro: RapidProSettings,
     pub phone: PhoneSettings,
     pub groups: GroupsSettings,
+    pub messaging: MessagingSettings,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -217,6 +218,38 @@ pub struct GroupsSettings {
     pub source: GroupsSource,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessagingSettings {
+    /// Seconds between dispatcher passes in `serve`.
+    pub dispatch_interval_secs: u64,
+    /// Recipients per broadcast / flow start (1..=100).
+    pub batch_size: usize,
+    /// RapidPro send calls in flight at once.
+    pub max_concurrent_calls: usize,
+    /// Lifetime of a claim on a request without renewal.
+    pub claim_lease_secs: u64,
+    /// This replica's name in claims; empty = `<hostname>-<pid>`.
+    pub instance_id: String,
+    /// IANA time zone of cron schedules.
+    pub schedule_time_zone: String,
+}
+
+impl MessagingSettings {
+    /// The name this replica writes into its claims.
+    pub fn instance_name(&self) -> String {
+        if self.instance_id.trim().is_empty() {
+            let host = std::env::var("HOSTNAME")
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "mhero".to_string());
+            format!("{host}-{}", std::process::id())
+        } else {
+            self.instance_id.trim().to_string()
+        }
+    }
+}
+
 /// A configuration that cannot be used; the message names the key.
 #[derive(Debug, thiserror::Error)]
 #[error("configuration error: {0}")]
@@ -333,6 +366,25 @@ impl Settings {
             return Err(ConfigError(
                 "rapidpro.contact_sync_interval_secs must be at least 1".into(),
             ));
+        }
+        let messaging = &self.messaging;
+        if !(1..=100).contains(&messaging.batch_size) {
+            return Err(ConfigError(format!(
+                "messaging.batch_size must be between 1 and 100 (RapidPro's limit), got {}",
+                messaging.batch_size
+            )));
+        }
+        for (name, value) in [
+            ("dispatch_interval_secs", messaging.dispatch_interval_secs),
+            ("claim_lease_secs", messaging.claim_lease_secs),
+            (
+                "max_concurrent_calls",
+                messaging.max_concurrent_calls as u64,
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError(format!("messaging.{name} must be at least 1")));
+            }
         }
         if self.server.max_body_bytes == 0 {
             return Err(ConfigError(

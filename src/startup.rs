@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use crate::api::{self, AppState};
 use crate::config::{ConfigError, Settings};
 use crate::jobs::contact_sync::ContactSyncJob;
+use crate::jobs::dispatch::{DispatchJob, Dispatcher};
 use crate::jobs::rapidpro_directory::RapidProDirectory;
 use crate::jobs::runner::{self, Nudge};
 use crate::pipeline::phone::PhoneNormalizer;
@@ -39,15 +40,22 @@ pub struct Application {
     address: SocketAddr,
     state: AppState,
     shutdown: CancellationToken,
-    /// The contact sync, when RapidPro is configured.
-    contact_sync: Option<(Arc<ContactSyncJob>, Nudge)>,
+    /// The contact sync and the dispatcher, when RapidPro is configured.
+    jobs: Option<RapidProJobs>,
 }
 
-/// The contact sync job, if `rapidpro.base_url` and `rapidpro.token` are set.
-fn contact_sync_job(
+/// The jobs that talk to RapidPro, sharing one client (and so one throttle
+/// budget), each with the nudge that starts a pass at once.
+struct RapidProJobs {
+    contact_sync: (Arc<ContactSyncJob>, Nudge),
+    dispatch: (Arc<DispatchJob>, Nudge),
+}
+
+/// The RapidPro jobs, if `rapidpro.base_url` and `rapidpro.token` are set.
+fn rapidpro_jobs(
     settings: &Settings,
     store: &SharedStore,
-) -> Result<Option<ContactSyncJob>, StartupError> {
+) -> Result<Option<RapidProJobs>, StartupError> {
     let rapidpro = &settings.rapidpro;
     if rapidpro.base_url.is_none() || rapidpro.token.is_none() {
         tracing::warn!(
@@ -63,7 +71,13 @@ fn contact_sync_job(
         .map_err(|e| ConfigError(e.to_string()))?;
     let directory =
         RapidProDirectory::new(client.clone()).with_extra_fields(rapidpro.extra_fields.clone());
-    Ok(Some(ContactSyncJob {
+    let dispatcher = Dispatcher::new(
+        Arc::clone(store),
+        client.clone(),
+        Arc::new(phones.clone()),
+        settings.messaging.clone(),
+    );
+    let contact_sync = ContactSyncJob {
         store: Arc::clone(store),
         client,
         directory,
@@ -71,6 +85,10 @@ fn contact_sync_job(
         import_unknown_contacts: rapidpro.import_unknown_contacts,
         poll_overlap: chrono::Duration::seconds(rapidpro.contact_poll_overlap_secs as i64),
         groups_source: settings.groups.source,
+    };
+    Ok(Some(RapidProJobs {
+        contact_sync: (Arc::new(contact_sync), Nudge::default()),
+        dispatch: (Arc::new(DispatchJob(dispatcher)), Nudge::default()),
     }))
 }
 
@@ -100,21 +118,21 @@ impl Application {
             None => format!("http://{address}"),
         };
         let store: SharedStore = Arc::new(MeteredStore::new(store));
-        let contact_sync =
-            contact_sync_job(&settings, &store)?.map(|job| (Arc::new(job), Nudge::default()));
+        let jobs = rapidpro_jobs(&settings, &store)?;
         let state = AppState {
             store,
             settings: Arc::new(settings),
             fhir_base: format!("{public_base}/fhir"),
             metrics: api::metrics::prometheus_handle(),
-            contact_sync: contact_sync.as_ref().map(|(_, nudge)| nudge.clone()),
+            contact_sync: jobs.as_ref().map(|j| j.contact_sync.1.clone()),
+            dispatch: jobs.as_ref().map(|j| j.dispatch.1.clone()),
         };
         Ok(Application {
             listener,
             address,
             state,
             shutdown: CancellationToken::new(),
-            contact_sync,
+            jobs,
         })
     }
 
@@ -150,10 +168,22 @@ impl Application {
         });
         tracing::info!(address = %self.address, fhir_base = %self.state.fhir_base, backend = self.state.store.backend_name(), "mHero connector listening");
         let jobs = TaskTracker::new();
-        if let Some((job, nudge)) = self.contact_sync {
-            let interval =
-                Duration::from_secs(self.state.settings.rapidpro.contact_sync_interval_secs);
-            runner::spawn(job, interval, nudge, token.clone(), &jobs);
+        if let Some(RapidProJobs {
+            contact_sync,
+            dispatch,
+        }) = self.jobs
+        {
+            let settings = &self.state.settings;
+            let interval = Duration::from_secs(settings.rapidpro.contact_sync_interval_secs);
+            runner::spawn(
+                contact_sync.0,
+                interval,
+                contact_sync.1,
+                token.clone(),
+                &jobs,
+            );
+            let interval = Duration::from_secs(settings.messaging.dispatch_interval_secs);
+            runner::spawn(dispatch.0, interval, dispatch.1, token.clone(), &jobs);
         }
         jobs.close();
         let router = api::router(self.state);

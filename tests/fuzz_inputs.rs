@@ -35,6 +35,7 @@ fn harness() -> Harness {
         fhir_base: "http://localhost/fhir".into(),
         metrics: mhero::api::metrics::prometheus_handle(),
         contact_sync: None,
+        dispatch: None,
     };
     Harness {
         runtime,

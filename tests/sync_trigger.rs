@@ -24,6 +24,7 @@ async fn person_writes_nudge_the_contact_sync() {
         fhir_base: "http://localhost/fhir".into(),
         metrics: mhero::api::metrics::prometheus_handle(),
         contact_sync: Some(nudge.clone()),
+        dispatch: None,
     };
     let app = router(state);
     let send = |method: &str, uri: &str, body: &str| {

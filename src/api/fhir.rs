@@ -57,7 +57,8 @@ pub fn routes(state: AppState) -> Router {
 }
 
 /// A successful write of a person (or a Bundle, which may hold people)
-/// starts a contact sync pass now instead of at the next interval.
+/// starts a contact sync pass now instead of at the next interval; a
+/// CommunicationRequest (or a Bundle) starts a dispatcher pass.
 async fn nudge_contact_sync(
     State(state): State<AppState>,
     request: axum::extract::Request,
@@ -77,12 +78,17 @@ async fn nudge_contact_sync(
         .unwrap_or("")
         .to_string();
     let response = next.run(request).await;
-    let touches_people =
-        segment.is_empty() || crate::pipeline::contact::PERSON_TYPES.contains(&segment.as_str());
-    if is_write
-        && touches_people
-        && response.status().is_success()
+    if !is_write || !response.status().is_success() {
+        return response;
+    }
+    let is_bundle = segment.is_empty();
+    if (is_bundle || crate::pipeline::contact::PERSON_TYPES.contains(&segment.as_str()))
         && let Some(nudge) = &state.contact_sync
+    {
+        nudge.nudge();
+    }
+    if (is_bundle || segment == "CommunicationRequest")
+        && let Some(nudge) = &state.dispatch
     {
         nudge.nudge();
     }

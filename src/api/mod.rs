@@ -33,6 +33,8 @@ pub struct AppState {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// Starts a contact sync pass now (set when RapidPro is configured).
     pub contact_sync: Option<crate::jobs::runner::Nudge>,
+    /// Starts a dispatcher pass now (set when RapidPro is configured).
+    pub dispatch: Option<crate::jobs::runner::Nudge>,
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

@@ -78,7 +78,10 @@ pub fn ensure_valid_id(id: &str) -> Result<(), StoreError> {
 
 /// Check a resource body before it is written: a JSON object with a
 /// supported `resourceType` (equal to `expected_type` when given), a valid
-/// `id` if present, and an object `meta` if present. Returns the type.
+/// `id` if present, an object `meta` if present, and, for an actionable
+/// CommunicationRequest, something that can be sent
+/// ([`check_writable`](crate::pipeline::request::check_writable), 422).
+/// Returns the type.
 pub fn validate_resource(
     resource: &Value,
     expected_type: Option<&str>,
@@ -119,6 +122,9 @@ pub fn validate_resource(
         None | Some(Value::Object(_)) => {}
         Some(_) => return Err(StoreError::Invalid("meta must be an object".to_string())),
     }
+    // A CommunicationRequest that could never be sent is refused whole.
+    crate::pipeline::request::check_writable(resource)
+        .map_err(|problem| StoreError::Unprocessable(problem.0))?;
     Ok(resource_type.to_string())
 }
 

@@ -194,6 +194,13 @@ pub const SEARCH_PARAMS: &[SearchParamDef] = &[
     ),
     param!(
         &["PractitionerRole"],
+        "service",
+        Reference,
+        "healthcareService",
+        "The healthcare services of the role"
+    ),
+    param!(
+        &["PractitionerRole"],
         "role",
         Token,
         "code",

@@ -1,14 +1,16 @@
 //! Background work executed from FHIR state, idempotently: each job
 //! exposes `run_once()` (tests drive it, never sleep) and `run(cancel)`.
-//! Today: writing RapidPro contact UUIDs back onto FHIR people
-//! (`contact_writeback`) and durable job cursors (`cursor`); the sync,
-//! dispatch and reconcile jobs follow.
+//! The contact and group syncs (`contact_sync`, `contact_status_poll`,
+//! `group_sync`, with `contact_writeback`, `rapidpro_directory`,
+//! `sync_status`), the messaging dispatcher (`dispatch`), durable job
+//! cursors (`cursor`) and the `serve` job runner (`runner`).
 
 pub mod contact_status;
 pub mod contact_status_poll;
 pub mod contact_sync;
 pub mod contact_writeback;
 pub mod cursor;
+pub mod dispatch;
 pub mod group_sync;
 pub mod rapidpro_directory;
 pub mod runner;

@@ -363,6 +363,37 @@ pub fn parse_etag(value: &str) -> Option<String> {
     }
 }
 
+/// Every match of a search, following the pages (`included` resources are
+/// dropped). For bounded result sets: callers chunk their `_id` lists.
+pub async fn search_all(
+    store: &dyn FhirStore,
+    resource_type: &str,
+    params: Vec<(String, String)>,
+) -> StoreResult<Vec<StoredResource>> {
+    let mut all = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = store
+            .search(SearchRequest {
+                resource_type: resource_type.to_string(),
+                params: params.clone(),
+                cursor,
+                lenient: false,
+            })
+            .await?;
+        all.extend(page.matches);
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => return Ok(all),
+        }
+    }
+}
+
+/// A value escaped for a comma-separated OR list of a search parameter.
+pub fn escape_search_value(value: &str) -> String {
+    value.replace('\\', "\\\\").replace(',', "\\,")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
