@@ -218,6 +218,7 @@ async fn conditional_create_and_conditional_update() {
     };
     let request = json!({ "resourceType": "CommunicationRequest", "status": "active",
                           "identifier": [{ "system": "urn:ihris", "value": "req-1" }],
+                          "recipient": [{ "reference": "Practitioner/p1" }],
                           "payload": [{ "contentString": "Hello" }] });
     let first = send(request.clone()).await.unwrap();
     assert_eq!(first.status(), StatusCode::CREATED);
@@ -444,7 +445,7 @@ async fn search_features_over_the_api() {
                             "code": [{ "coding": [{ "system": "http://ihris.org/fhir/CodeSystem/ihris-job", "code": "midwife" }] }] },
               "request": { "method": "PUT", "url": "PractitionerRole/role" } },
             { "resource": { "resourceType": "CommunicationRequest", "id": "cr", "status": "active", "authoredOn": "2024-03-05T10:00:00Z",
-                            "recipient": [{ "reference": "Practitioner/nurse" }] },
+                            "recipient": [{ "reference": "Practitioner/nurse" }], "payload": [{ "contentString": "Hi" }] },
               "request": { "method": "PUT", "url": "CommunicationRequest/cr" } }
         ]
     });
