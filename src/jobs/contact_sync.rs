@@ -37,6 +37,10 @@ pub enum SyncError {
     /// RapidPro refused a create because a URN belongs to another contact.
     #[error("RapidPro: a URN is in use by another contact")]
     UrnTaken,
+    /// RapidPro refused a write as invalid (400), e.g. a group name it
+    /// already has: retrying the same request cannot help.
+    #[error("RapidPro refused it: {0}")]
+    Refused(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }

@@ -2,9 +2,11 @@
 //! (`groups.source`). A FHIR Group of `type` person or practitioner with
 //! `actual = true` is linked to its RapidPro group by the identifier
 //! `http://app.rapidpro.io/group-uuid`, which also carries the hash of the
-//! member contact set last synced, so an unchanged group costs no RapidPro
-//! call (FHIR -> RapidPro) and no FHIR write (RapidPro -> FHIR). See
-//! `docs/group-sync.md`. RapidPro is reached through [`GroupDirectory`].
+//! member contact set last synced (and, FHIR -> RapidPro, the group name
+//! last synced), so an unchanged group costs no RapidPro call (FHIR ->
+//! RapidPro) and no FHIR write (RapidPro -> FHIR). A renamed Group renames
+//! its RapidPro group, and the other way round with `source = "rapidpro"`.
+//! See `docs/group-sync.md`. RapidPro is reached through [`GroupDirectory`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -29,6 +31,9 @@ pub const GROUP_UUID_SYSTEM: &str = "http://app.rapidpro.io/group-uuid";
 /// synced.
 pub const MEMBERS_HASH_URL: &str =
     "http://mhero.org/fhir/StructureDefinition/rapidpro-group-members-hash";
+/// Extension on that identifier: the RapidPro group name last synced
+/// (FHIR -> RapidPro), so an unchanged `Group.name` costs no RapidPro call.
+pub const SYNCED_NAME_URL: &str = "http://mhero.org/fhir/StructureDefinition/rapidpro-group-name";
 /// RapidPro's limit of contacts per `contact_actions` call.
 pub const ACTION_BATCH: usize = 100;
 /// Ids (or identifier values) per FHIR search.
@@ -53,6 +58,9 @@ pub trait GroupDirectory: Send + Sync {
     async fn groups(&self) -> Result<Vec<RemoteGroup>, SyncError>;
     /// Create a manual group.
     async fn create_group(&self, name: &str) -> Result<RemoteGroup, SyncError>;
+    /// Rename a group. A name RapidPro refuses (a duplicate, or one that
+    /// breaks its name rules) is [`SyncError::Refused`].
+    async fn rename_group(&self, group_uuid: &str, name: &str) -> Result<RemoteGroup, SyncError>;
     /// The UUIDs of the group's contacts.
     async fn group_members(&self, group_uuid: &str) -> Result<Vec<String>, SyncError>;
     /// `contact_actions` `add`; at most [`ACTION_BATCH`] contacts.
@@ -144,21 +152,56 @@ pub fn group_link(group: &Value) -> Option<(String, Option<String>)> {
     Some((uuid, hash))
 }
 
-fn link_identifier(uuid: &str, hash: Option<&str>) -> Value {
-    match hash {
-        Some(hash) => json!({ "system": GROUP_UUID_SYSTEM, "value": uuid,
-            "extension": [{ "url": MEMBERS_HASH_URL, "valueString": hash }] }),
-        None => json!({ "system": GROUP_UUID_SYSTEM, "value": uuid }),
+/// The RapidPro group name last synced, recorded on the link.
+pub fn synced_name(group: &Value) -> Option<String> {
+    group_identifier(group)?
+        .get("extension")?
+        .as_array()?
+        .iter()
+        .find(|x| x.get("url").and_then(Value::as_str) == Some(SYNCED_NAME_URL))?
+        .get("valueString")?
+        .as_str()
+        .map(str::to_string)
+}
+
+fn link_identifier(uuid: &str, hash: Option<&str>, name: Option<&str>) -> Value {
+    let mut extension = Vec::new();
+    if let Some(hash) = hash {
+        extension.push(json!({ "url": MEMBERS_HASH_URL, "valueString": hash }));
+    }
+    if let Some(name) = name {
+        extension.push(json!({ "url": SYNCED_NAME_URL, "valueString": name }));
+    }
+    if extension.is_empty() {
+        json!({ "system": GROUP_UUID_SYSTEM, "value": uuid })
+    } else {
+        json!({ "system": GROUP_UUID_SYSTEM, "value": uuid, "extension": extension })
     }
 }
 
 /// `group` with its group-uuid identifier saying `uuid` (and `hash`);
-/// `None` if it already does. Nothing else changes.
+/// `None` if it already does. The synced name stays while the UUID does.
+/// Nothing else changes.
 pub fn with_group_link(group: &Value, uuid: &str, hash: Option<&str>) -> Option<Value> {
-    if group_link(group) == Some((uuid.to_string(), hash.map(str::to_string))) {
+    let name = group_link(group)
+        .filter(|(linked, _)| linked == uuid)
+        .and_then(|_| synced_name(group));
+    with_link(group, uuid, hash, name.as_deref())
+}
+
+/// [`with_group_link`] that also records `name` as the synced RapidPro
+/// group name.
+pub fn with_named_link(group: &Value, uuid: &str, hash: Option<&str>, name: &str) -> Option<Value> {
+    with_link(group, uuid, hash, Some(name))
+}
+
+fn with_link(group: &Value, uuid: &str, hash: Option<&str>, name: Option<&str>) -> Option<Value> {
+    if group_link(group) == Some((uuid.to_string(), hash.map(str::to_string)))
+        && synced_name(group).as_deref() == name
+    {
         return None;
     }
-    let identifier = link_identifier(uuid, hash);
+    let identifier = link_identifier(uuid, hash, name);
     let mut updated = group.clone();
     let object = updated.as_object_mut()?;
     match object.get_mut("identifier") {
@@ -226,6 +269,26 @@ fn period_ended(member: &Value, now: DateTime<Utc>) -> bool {
         _ => NaiveDate::parse_from_str(end, "%Y-%m-%d").ok(),
     };
     date.is_some_and(|d| d < now.date_naive())
+}
+
+/// Why RapidPro would refuse `name` for a group (reference §5.3: at most
+/// 64 characters, no `"`, `\` or NUL; the name is already trimmed).
+fn name_problem(name: &str) -> Option<String> {
+    if name.chars().count() > 64 {
+        return Some("RapidPro group names have at most 64 characters".into());
+    }
+    name.chars()
+        .find(|c| ['"', '\\', '\0'].contains(c))
+        .map(|c| format!("RapidPro group names cannot contain {c:?}"))
+}
+
+/// `Group.name`, trimmed; `None` when missing or blank.
+fn group_name(group: &Value) -> Option<&str> {
+    group
+        .get("name")
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
 }
 
 /// Whether a `member` entry makes its entity a current member.
@@ -499,7 +562,11 @@ impl GroupSync<'_> {
         report.not_messageable += wanted.not_messageable;
         let hash = members_hash(&wanted.contacts);
         let link = group_link(resource);
+        let name = group_name(resource);
+        // A name equal to the one last synced needs no RapidPro call.
+        let renamed = name.is_some() && synced_name(resource).as_deref() != name;
         if !full
+            && !renamed
             && let Some((_, Some(recorded))) = &link
             && *recorded == hash
         {
@@ -510,15 +577,10 @@ impl GroupSync<'_> {
             .as_ref()
             .and_then(|(uuid, _)| groups.iter().find(|g| &g.uuid == uuid))
             .cloned();
-        let (target, created) = match linked {
+        let (mut target, created) = match linked {
             Some(found) => (found, false),
             None => {
-                let Some(name) = resource
-                    .get("name")
-                    .and_then(Value::as_str)
-                    .map(str::trim)
-                    .filter(|n| !n.is_empty())
-                else {
+                let Some(name) = name else {
                     return Ok(Outcome::Conflict(format!(
                         "{}: has no name, so no RapidPro group can be made for it",
                         group.reference()
@@ -539,7 +601,7 @@ impl GroupSync<'_> {
                 groups.push(made.clone());
                 // Link at once, so that a failure below cannot orphan the group.
                 modify_resource(self.store, "Group", &group.id, |current| {
-                    with_group_link(current, &made.uuid, None)
+                    with_named_link(current, &made.uuid, None, &made.name)
                 })
                 .await?;
                 (made, true)
@@ -553,6 +615,21 @@ impl GroupSync<'_> {
                 target.uuid
             )));
         }
+        let mut renamed_remote = false;
+        if let Some(name) = name
+            && target.name != name
+        {
+            // A refused name is reported; the members are synced all the same.
+            match self.rename(groups, &target, name).await? {
+                Ok(renamed) => {
+                    target = renamed;
+                    renamed_remote = true;
+                }
+                Err(conflict) => report
+                    .conflicts
+                    .push(format!("{}: {conflict}", group.reference())),
+            }
+        }
         let current: BTreeSet<String> = if created {
             BTreeSet::new()
         } else {
@@ -564,7 +641,7 @@ impl GroupSync<'_> {
         };
         let changed = self.apply(&target.uuid, &current, &wanted.contacts).await?;
         let relinked = modify_resource(self.store, "Group", &group.id, |current| {
-            with_group_link(current, &target.uuid, Some(&hash))
+            with_named_link(current, &target.uuid, Some(&hash), &target.name)
         })
         .await?
         .is_some();
@@ -575,11 +652,53 @@ impl GroupSync<'_> {
             Outcome::Created
         } else if emptied {
             Outcome::Emptied
-        } else if changed || (relinked && link.is_none_or(|(uuid, _)| uuid != target.uuid)) {
+        } else if changed
+            || renamed_remote
+            || (relinked && link.is_none_or(|(uuid, _)| uuid != target.uuid))
+        {
             Outcome::Updated
         } else {
             Outcome::Unchanged
         })
+    }
+
+    /// Rename the RapidPro group `target` to `name`. The inner `Err` is a
+    /// name RapidPro has (another group's, case-insensitively: no call is
+    /// made) or refuses; `groups` is kept up to date.
+    async fn rename(
+        &self,
+        groups: &mut [RemoteGroup],
+        target: &RemoteGroup,
+        name: &str,
+    ) -> Result<Result<RemoteGroup, String>, SyncError> {
+        if let Some(problem) = name_problem(name) {
+            return Ok(Err(format!(
+                "RapidPro group \"{}\" ({}) cannot be renamed to \"{name}\": {problem}",
+                target.name, target.uuid
+            )));
+        }
+        if let Some(clash) = groups
+            .iter()
+            .find(|g| g.uuid != target.uuid && g.name.to_lowercase() == name.to_lowercase())
+        {
+            return Ok(Err(format!(
+                "RapidPro group \"{}\" ({}) cannot be renamed to \"{name}\": RapidPro already has a group of that name ({})",
+                target.name, target.uuid, clash.uuid
+            )));
+        }
+        match self.directory.rename_group(&target.uuid, name).await {
+            Ok(renamed) => {
+                if let Some(listed) = groups.iter_mut().find(|g| g.uuid == renamed.uuid) {
+                    *listed = renamed.clone();
+                }
+                Ok(Ok(renamed))
+            }
+            Err(SyncError::Refused(why)) => Ok(Err(format!(
+                "RapidPro refused to rename group \"{}\" ({}) to \"{name}\": {why}",
+                target.name, target.uuid
+            ))),
+            Err(e) => Err(e),
+        }
     }
 
     /// Make the RapidPro group's members `wanted` (it has `current`).
@@ -795,6 +914,7 @@ impl GroupSync<'_> {
                 .and_then(|(_, h)| h)
                 .as_deref()
                 == Some(&hash)
+            && existing.resource.get("name").and_then(Value::as_str) == Some(remote.name.as_str())
         {
             return Ok(Outcome::Unchanged);
         }
@@ -816,7 +936,7 @@ impl GroupSync<'_> {
                     "type": if all_practitioners { "practitioner" } else { "person" },
                     "actual": true,
                     "name": remote.name,
-                    "identifier": [link_identifier(&remote.uuid, None)],
+                    "identifier": [link_identifier(&remote.uuid, None, None)],
                 });
                 let query = format!("identifier={GROUP_UUID_SYSTEM}|{}", remote.uuid);
                 let outcome = self.store.create(group, Some(&query)).await?;
@@ -838,7 +958,13 @@ impl GroupSync<'_> {
             })
             .collect();
         let written = modify_resource(self.store, "Group", &id, |group| {
-            with_members(group, &keep, &wanted, &remote.uuid, &hash)
+            let members = with_members(group, &keep, &wanted, &remote.uuid, &hash);
+            // Renamed in RapidPro: the FHIR Group follows.
+            let named = members.as_ref().unwrap_or(group);
+            match with_name(named, &remote.name) {
+                Some(renamed) => Some(renamed),
+                None => members,
+            }
         })
         .await?;
         Ok(if created {
@@ -913,6 +1039,16 @@ fn with_members(
         object.insert("quantity".into(), json!(current));
     }
     Some(updated)
+}
+
+/// `group` with `name`; `None` if it has it already.
+fn with_name(group: &Value, name: &str) -> Option<Value> {
+    if group.get("name").and_then(Value::as_str) == Some(name) {
+        return None;
+    }
+    let mut renamed = group.clone();
+    renamed.as_object_mut()?.insert("name".into(), json!(name));
+    Some(renamed)
 }
 
 fn count(report: &mut GroupSyncReport, outcome: Outcome) {
@@ -993,6 +1129,35 @@ mod tests {
     }
 
     #[test]
+    fn the_synced_name_rides_on_the_link() {
+        let group = json!({"resourceType": "Group", "name": "N"});
+        let named = with_named_link(&group, "g-1", None, "N").unwrap();
+        assert_eq!(synced_name(&named).as_deref(), Some("N"));
+        assert!(with_named_link(&named, "g-1", None, "N").is_none());
+        // A new hash keeps the name; another RapidPro group drops it.
+        let hashed = with_group_link(&named, "g-1", Some("h")).unwrap();
+        assert_eq!(synced_name(&hashed).as_deref(), Some("N"));
+        assert_eq!(
+            group_link(&hashed),
+            Some(("g-1".to_string(), Some("h".to_string())))
+        );
+        let moved = with_group_link(&hashed, "g-2", Some("h")).unwrap();
+        assert_eq!(synced_name(&moved), None);
+        assert_eq!(with_name(&moved, "M").unwrap()["name"], "M");
+        assert!(with_name(&moved, "N").is_none());
+    }
+
+    #[test]
+    fn names_rapidpro_would_refuse_are_caught_before_sending() {
+        assert_eq!(name_problem("Nurses, Bong County"), None);
+        assert_eq!(name_problem(&"é".repeat(64)), None);
+        assert!(name_problem(&"x".repeat(65)).is_some());
+        assert!(name_problem("The \"A\" team").is_some());
+        assert!(name_problem("a\\b").is_some());
+        assert!(name_problem("a\0b").is_some());
+    }
+
+    #[test]
     fn the_hash_depends_on_the_set_only() {
         let a: BTreeSet<String> = ["u2", "u1"].map(String::from).into();
         let b: BTreeSet<String> = ["u1", "u2"].map(String::from).into();
@@ -1062,6 +1227,19 @@ mod tests {
             };
             groups.push(group.clone());
             Ok(group)
+        }
+        async fn rename_group(
+            &self,
+            group_uuid: &str,
+            name: &str,
+        ) -> Result<RemoteGroup, SyncError> {
+            let mut groups = self.groups.lock().unwrap();
+            let group = groups
+                .iter_mut()
+                .find(|g| g.uuid == group_uuid)
+                .ok_or_else(|| SyncError::RapidPro("404".into()))?;
+            group.name = name.to_string();
+            Ok(group.clone())
         }
         async fn group_members(&self, group_uuid: &str) -> Result<Vec<String>, SyncError> {
             let members = self.members.lock().unwrap();
