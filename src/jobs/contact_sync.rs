@@ -2,8 +2,14 @@
 //! stored cursor, compute the contact draft, skip it if its hash equals
 //! what was last pushed, otherwise find the RapidPro contact (by the
 //! written-back UUID, then by URN), create or update it, and write the
-//! UUID and hash back. RapidPro is reached through [`ContactDirectory`],
-//! implemented by the RapidPro client (and by fakes in tests).
+//! UUID and hash back. When extra contact fields are configured
+//! (`rapidpro.extra_fields`), Practitioners whose PractitionerRole, or a
+//! Location above their role's, changed since its own cursor are synced
+//! again too (selected in bulk searches). RapidPro is reached through
+//! [`ContactDirectory`], implemented by the RapidPro client (and by fakes
+//! in tests).
+
+use std::collections::{BTreeSet, HashSet};
 
 use async_trait::async_trait;
 
@@ -11,10 +17,25 @@ use super::contact_writeback::{
     WrittenBack, blocked_by_connector, content_hash, pushed_hash, write_back,
 };
 use super::cursor::Cursor;
+use super::group_sync::{escape, search_all};
 use crate::pipeline::contact::{ContactDraft, PERSON_TYPES, draft};
 use crate::pipeline::phone::PhoneNormalizer;
 use crate::pipeline::work_context::LocationCache;
-use crate::store::{FhirStore, HistoryMethod, HistoryRequest, SearchRequest, StoreError};
+use crate::store::{
+    FhirStore, HistoryMethod, HistoryRequest, SearchRequest, StoreError, StoredResource,
+};
+
+/// Ids (or references) per bulk FHIR search of the work-context pass.
+const SEARCH_BATCH: usize = 100;
+/// Deepest `Location.partOf` chain followed down from a changed Location
+/// (as deep as `pipeline::work_context` follows it up).
+const MAX_LOCATION_DEPTH: usize = 12;
+/// The cursors of the work-context pass.
+const ROLES_CURSOR: &str = "contacts-practitionerrole";
+const LOCATIONS_CURSOR: &str = "contacts-location";
+/// Extra fields that come from the role's Location (and those above it);
+/// `job` comes from the role alone.
+const LOCATION_FIELDS: &[&str] = &["facility", "district", "region", "country"];
 
 /// A RapidPro contact as the sync needs to see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -276,6 +297,10 @@ impl ContactSync<'_> {
         // included) wait for the next pass, which the cursor guarantees.
         let started = crate::fhir::format_instant(&chrono::Utc::now());
         let mut locations = LocationCache::default();
+        // Practitioners examined by this pass (the work-context pass skips them).
+        let mut done: HashSet<String> = HashSet::new();
+        // Every Practitioner was looked at (a full or a first pass).
+        let mut all_practitioners = false;
         for resource_type in PERSON_TYPES {
             let mut cursor = Cursor::load(
                 self.store,
@@ -283,6 +308,9 @@ impl ContactSync<'_> {
             )
             .await?;
             let since = if full { None } else { cursor.position.clone() };
+            if *resource_type == "Practitioner" {
+                all_practitioners = since.is_none();
+            }
             let mut params = vec![
                 ("_sort".to_string(), "_lastUpdated".to_string()),
                 ("_count".to_string(), self.page_size.to_string()),
@@ -305,25 +333,10 @@ impl ContactSync<'_> {
                     })
                     .await?;
                 for person in &page.matches {
-                    report.examined += 1;
-                    self.progress.inc(1);
-                    match sync_person(
-                        self.store,
-                        self.directory,
-                        self.phones,
-                        &mut locations,
-                        &person.resource,
-                    )
-                    .await
-                    {
-                        Ok(PersonOutcome::Unchanged) => report.unchanged += 1,
-                        Ok(PersonOutcome::Created(_)) => report.created += 1,
-                        Ok(PersonOutcome::Updated(_)) => report.updated += 1,
-                        Ok(PersonOutcome::Blocked(_)) => report.blocked += 1,
-                        Ok(PersonOutcome::NoPhone) => report.no_phone += 1,
-                        Ok(PersonOutcome::Conflict(message)) => report.conflicts.push(message),
-                        Err(e) => report.failures.push(format!("{}: {e}", person.reference())),
+                    if *resource_type == "Practitioner" {
+                        done.insert(person.id.clone());
                     }
+                    self.sync_one(person, &mut locations, &mut report).await;
                 }
                 // Only what was done without failures counts as done.
                 if report.failures.is_empty()
@@ -343,7 +356,192 @@ impl ContactSync<'_> {
             }
             self.block_deleted(resource_type, full, &mut report).await?;
         }
+        let pass = WorkContextPass {
+            started: &started,
+            all_practitioners: all_practitioners && report.failures.is_empty(),
+        };
+        self.sync_work_context(&pass, &mut done, &mut locations, &mut report)
+            .await?;
         Ok(report)
+    }
+
+    async fn sync_one(
+        &self,
+        person: &StoredResource,
+        locations: &mut LocationCache,
+        report: &mut SyncReport,
+    ) {
+        report.examined += 1;
+        self.progress.inc(1);
+        match sync_person(
+            self.store,
+            self.directory,
+            self.phones,
+            locations,
+            &person.resource,
+        )
+        .await
+        {
+            Ok(PersonOutcome::Unchanged) => report.unchanged += 1,
+            Ok(PersonOutcome::Created(_)) => report.created += 1,
+            Ok(PersonOutcome::Updated(_)) => report.updated += 1,
+            Ok(PersonOutcome::Blocked(_)) => report.blocked += 1,
+            Ok(PersonOutcome::NoPhone) => report.no_phone += 1,
+            Ok(PersonOutcome::Conflict(message)) => report.conflicts.push(message),
+            Err(e) => report.failures.push(format!("{}: {e}", person.reference())),
+        }
+    }
+
+    /// The extra fields come from PractitionerRoles and Locations, whose
+    /// changes leave the Practitioner's `lastUpdated` alone: Practitioners
+    /// with a role changed since the roles cursor, or a role at a Location
+    /// (or below one, through `partOf`) changed since the locations cursor,
+    /// are synced again. Nothing is read when no such field is configured.
+    /// Each cursor works like the people's: the pass stops at `started`,
+    /// and a cursor moves only past pages done without failures.
+    async fn sync_work_context(
+        &self,
+        pass: &WorkContextPass<'_>,
+        done: &mut HashSet<String>,
+        locations: &mut LocationCache,
+        report: &mut SyncReport,
+    ) -> Result<(), SyncError> {
+        let extra = self.directory.extra_fields();
+        if extra.is_empty() {
+            return Ok(());
+        }
+        let by_location = extra.iter().any(|f| LOCATION_FIELDS.contains(&f.as_str()));
+        let kinds: &[(&str, &str)] = if by_location {
+            &[
+                ("PractitionerRole", ROLES_CURSOR),
+                ("Location", LOCATIONS_CURSOR),
+            ]
+        } else {
+            &[("PractitionerRole", ROLES_CURSOR)]
+        };
+        for (resource_type, name) in kinds {
+            let mut cursor = Cursor::load(self.store, name).await?;
+            if pass.all_practitioners {
+                // Everyone was just synced with the roles and Locations as
+                // they were at `started` or later.
+                cursor.advance(self.store, pass.started).await?;
+                continue;
+            }
+            let mut params = vec![
+                ("_sort".to_string(), "_lastUpdated".to_string()),
+                ("_count".to_string(), self.page_size.to_string()),
+                ("_total".to_string(), "none".to_string()),
+                ("_lastUpdated".to_string(), format!("le{}", pass.started)),
+            ];
+            if let Some(since) = &cursor.position {
+                params.push(("_lastUpdated".into(), format!("ge{since}")));
+            }
+            let mut page_cursor = None;
+            let mut done_up_to = None;
+            loop {
+                let page = self
+                    .store
+                    .search(SearchRequest {
+                        resource_type: resource_type.to_string(),
+                        params: params.clone(),
+                        cursor: page_cursor.clone(),
+                        lenient: false,
+                    })
+                    .await?;
+                let roles = if *resource_type == "Location" {
+                    let ids: Vec<String> = page.matches.iter().map(|l| l.id.clone()).collect();
+                    self.roles_at_or_below(&ids).await?
+                } else {
+                    page.matches.iter().map(|r| r.resource.clone()).collect()
+                };
+                let wanted: BTreeSet<String> = roles
+                    .iter()
+                    .filter_map(role_practitioner)
+                    .filter(|id| !done.contains(id))
+                    .collect();
+                for practitioner in self.read_practitioners(&wanted).await? {
+                    done.insert(practitioner.id.clone());
+                    self.sync_one(&practitioner, locations, report).await;
+                }
+                if report.failures.is_empty()
+                    && let Some(last) = page.matches.last()
+                {
+                    done_up_to = Some(last.last_updated);
+                }
+                match page.next_cursor {
+                    Some(next) if report.failures.is_empty() => page_cursor = Some(next),
+                    _ => break,
+                }
+            }
+            if let Some(done_up_to) = done_up_to {
+                cursor
+                    .advance(self.store, &crate::fhir::format_instant(&done_up_to))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The PractitionerRoles at the Locations `ids` or at any Location
+    /// below them (`partOf`, down to [`MAX_LOCATION_DEPTH`] levels), found
+    /// with `partof=` and `location=` searches of up to [`SEARCH_BATCH`]
+    /// references each.
+    async fn roles_at_or_below(&self, ids: &[String]) -> Result<Vec<serde_json::Value>, SyncError> {
+        let mut seen: BTreeSet<String> = ids.iter().cloned().collect();
+        let mut frontier: Vec<String> = seen.iter().cloned().collect();
+        for _ in 0..MAX_LOCATION_DEPTH {
+            if frontier.is_empty() {
+                break;
+            }
+            let mut next = Vec::new();
+            for chunk in frontier.chunks(SEARCH_BATCH) {
+                for child in search_all(
+                    self.store,
+                    "Location",
+                    reference_list("partof", "Location", chunk),
+                )
+                .await?
+                {
+                    if seen.insert(child.id.clone()) {
+                        next.push(child.id);
+                    }
+                }
+            }
+            frontier = next;
+        }
+        let all: Vec<String> = seen.into_iter().collect();
+        let mut roles = Vec::new();
+        for chunk in all.chunks(SEARCH_BATCH) {
+            roles.extend(
+                search_all(
+                    self.store,
+                    "PractitionerRole",
+                    reference_list("location", "Location", chunk),
+                )
+                .await?
+                .into_iter()
+                .map(|r| r.resource),
+            );
+        }
+        Ok(roles)
+    }
+
+    /// The Practitioners `ids`, read with `_id=` searches.
+    async fn read_practitioners(
+        &self,
+        ids: &BTreeSet<String>,
+    ) -> Result<Vec<StoredResource>, SyncError> {
+        let ids: Vec<&String> = ids.iter().collect();
+        let mut found = Vec::new();
+        for chunk in ids.chunks(SEARCH_BATCH) {
+            let list: Vec<String> = chunk.iter().map(|id| escape(id)).collect();
+            let params = vec![
+                ("_id".to_string(), list.join(",")),
+                ("_count".to_string(), SEARCH_BATCH.to_string()),
+            ];
+            found.extend(search_all(self.store, "Practitioner", params).await?);
+        }
+        Ok(found)
     }
 
     /// People deleted in FHIR since the deletions cursor: their contacts are
@@ -440,6 +638,39 @@ impl ContactSync<'_> {
         }
         Ok(())
     }
+}
+
+/// What the people part of a pass tells the work-context part.
+struct WorkContextPass<'a> {
+    /// The pass's upper bound on `_lastUpdated`.
+    started: &'a str,
+    /// Every Practitioner was synced by this pass without failures.
+    all_practitioners: bool,
+}
+
+/// `name=Type/a,Type/b,...` (and a page size) for a reference search.
+fn reference_list(name: &str, resource_type: &str, ids: &[String]) -> Vec<(String, String)> {
+    let list: Vec<String> = ids
+        .iter()
+        .map(|id| format!("{resource_type}/{}", escape(id)))
+        .collect();
+    vec![
+        (name.to_string(), list.join(",")),
+        ("_count".to_string(), SEARCH_BATCH.to_string()),
+    ]
+}
+
+/// The id of a role's Practitioner (relative or absolute reference).
+fn role_practitioner(role: &serde_json::Value) -> Option<String> {
+    let reference = role.pointer("/practitioner/reference")?.as_str()?;
+    let mut parts = reference.trim_end_matches('/').rsplit('/');
+    let mut id = parts.next()?;
+    let mut resource_type = parts.next()?;
+    if resource_type == "_history" {
+        id = parts.next()?;
+        resource_type = parts.next()?;
+    }
+    (resource_type == "Practitioner" && !id.is_empty()).then(|| id.to_string())
 }
 
 /// The RapidPro sync as a background job of `mhero serve`: contacts FHIR ->

@@ -346,7 +346,7 @@ fn messageable(person: &Value) -> bool {
 }
 
 /// Every match of a search, following pages.
-async fn search_all(
+pub(super) async fn search_all(
     store: &dyn FhirStore,
     resource_type: &str,
     params: Vec<(String, String)>,
@@ -371,7 +371,7 @@ async fn search_all(
 }
 
 /// Escape a search value for a comma-separated OR list.
-fn escape(value: &str) -> String {
+pub(super) fn escape(value: &str) -> String {
     value.replace('\\', "\\\\").replace(',', "\\,")
 }
 
