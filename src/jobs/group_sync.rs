@@ -1204,12 +1204,15 @@ mod tests {
         );
     }
 
-    /// RapidPro in memory; `add` fails while `fail_adds` is set.
+    /// RapidPro in memory; `add` fails while `fail_adds` is set, and a
+    /// rename is refused (as RapidPro's 400) while `refuse_renames` is.
     #[derive(Default)]
     struct Fake {
         groups: std::sync::Mutex<Vec<RemoteGroup>>,
         members: std::sync::Mutex<HashMap<String, BTreeSet<String>>>,
         fail_adds: std::sync::atomic::AtomicBool,
+        refuse_renames: std::sync::atomic::AtomicBool,
+        renames: std::sync::atomic::AtomicUsize,
     }
 
     #[async_trait]
@@ -1233,6 +1236,16 @@ mod tests {
             group_uuid: &str,
             name: &str,
         ) -> Result<RemoteGroup, SyncError> {
+            self.renames
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if self
+                .refuse_renames
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                return Err(SyncError::Refused(
+                    "name: This field must be unique.".into(),
+                ));
+            }
             let mut groups = self.groups.lock().unwrap();
             let group = groups
                 .iter_mut()
@@ -1279,6 +1292,63 @@ mod tests {
             }
             Ok(())
         }
+    }
+
+    #[tokio::test]
+    async fn a_rename_rapidpro_refuses_is_a_conflict_and_members_still_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::sqlite::SqliteStore::open(&dir.path().join("fhir.sqlite"))
+            .await
+            .unwrap();
+        for id in ["a", "b"] {
+            let person = json!({"resourceType": "Practitioner", "id": id,
+                "identifier": [{"system": CONTACT_UUID_SYSTEM, "value": format!("c-{id}")}]});
+            store
+                .update("Practitioner", id, person, None)
+                .await
+                .unwrap();
+        }
+        let group = json!({"resourceType": "Group", "id": "g", "type": "practitioner", "actual": true, "name": "Team",
+            "member": [{"entity": {"reference": "Practitioner/a"}}]});
+        store.update("Group", "g", group, None).await.unwrap();
+        let fake = Fake::default();
+        let sync = GroupSync {
+            store: &store,
+            directory: &fake,
+            source: GroupsSource::Fhir,
+        };
+        assert_eq!(sync.run_once().await.unwrap().created, 1);
+        let mut group = store.read("Group", "g").await.unwrap().resource;
+        group["name"] = json!("Team B");
+        group["member"] = json!([{"entity": {"reference": "Practitioner/a"}}, {"entity": {"reference": "Practitioner/b"}}]);
+        store.update("Group", "g", group, None).await.unwrap();
+        fake.refuse_renames
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let refused = sync.run_once().await.unwrap();
+        assert!(refused.failures.is_empty(), "{refused:?}");
+        assert_eq!(refused.conflicts.len(), 1, "{refused:?}");
+        assert!(
+            refused.conflicts[0].contains("refused") && refused.conflicts[0].contains("unique"),
+            "{refused:?}"
+        );
+        assert_eq!(refused.updated, 1, "members synced: {refused:?}");
+        assert_eq!(fake.members.lock().unwrap()["g-0"].len(), 2);
+        assert_eq!(fake.groups.lock().unwrap()[0].name, "Team");
+        let stored = store.read("Group", "g").await.unwrap().resource;
+        assert_eq!(synced_name(&stored).as_deref(), Some("Team"));
+        // Accepted later: renamed, and then nothing more.
+        fake.refuse_renames
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let renamed = sync.run_once().await.unwrap();
+        assert_eq!(
+            (renamed.updated, renamed.conflicts.len()),
+            (1, 0),
+            "{renamed:?}"
+        );
+        assert_eq!(fake.groups.lock().unwrap()[0].name, "Team B");
+        assert_eq!(fake.renames.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(sync.run_once().await.unwrap().unchanged, 1);
+        assert_eq!(fake.renames.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
