@@ -34,6 +34,10 @@ pub const MEMBERS_HASH_URL: &str =
 /// Extension on that identifier: the RapidPro group name last synced
 /// (FHIR -> RapidPro), so an unchanged `Group.name` costs no RapidPro call.
 pub const SYNCED_NAME_URL: &str = "http://mhero.org/fhir/StructureDefinition/rapidpro-group-name";
+/// Extension on that identifier: a `Group.name` RapidPro refused (or would
+/// refuse); it is not sent again until `Group.name` changes.
+pub const REFUSED_NAME_URL: &str =
+    "http://mhero.org/fhir/StructureDefinition/rapidpro-group-name-refused";
 /// RapidPro's limit of contacts per `contact_actions` call.
 pub const ACTION_BATCH: usize = 100;
 /// Ids (or identifier values) per FHIR search.
@@ -109,6 +113,17 @@ enum Outcome {
     Conflict(String),
 }
 
+/// How a rename went (the strings are conflict reports).
+enum Rename {
+    Done(RemoteGroup),
+    /// Another RapidPro group has the name: found in the group list, no
+    /// call made; tried again once the name is free.
+    Clash(String),
+    /// RapidPro refused the name (400), or would (its name rules): not
+    /// sent again until `Group.name` changes.
+    Refused(String),
+}
+
 /// The sync job.
 pub struct GroupSync<'a> {
     pub store: &'a dyn FhirStore,
@@ -152,25 +167,44 @@ pub fn group_link(group: &Value) -> Option<(String, Option<String>)> {
     Some((uuid, hash))
 }
 
-/// The RapidPro group name last synced, recorded on the link.
-pub fn synced_name(group: &Value) -> Option<String> {
+fn link_extension(group: &Value, url: &str) -> Option<String> {
     group_identifier(group)?
         .get("extension")?
         .as_array()?
         .iter()
-        .find(|x| x.get("url").and_then(Value::as_str) == Some(SYNCED_NAME_URL))?
+        .find(|x| x.get("url").and_then(Value::as_str) == Some(url))?
         .get("valueString")?
         .as_str()
         .map(str::to_string)
 }
 
-fn link_identifier(uuid: &str, hash: Option<&str>, name: Option<&str>) -> Value {
+/// The RapidPro group name last synced, recorded on the link.
+pub fn synced_name(group: &Value) -> Option<String> {
+    link_extension(group, SYNCED_NAME_URL)
+}
+
+/// The `Group.name` RapidPro refused last, recorded on the link.
+pub fn refused_name(group: &Value) -> Option<String> {
+    link_extension(group, REFUSED_NAME_URL)
+}
+
+/// The names recorded on a link: the RapidPro group's, and a refused one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkNames<'a> {
+    pub synced: Option<&'a str>,
+    pub refused: Option<&'a str>,
+}
+
+fn link_identifier(uuid: &str, hash: Option<&str>, names: LinkNames<'_>) -> Value {
     let mut extension = Vec::new();
     if let Some(hash) = hash {
         extension.push(json!({ "url": MEMBERS_HASH_URL, "valueString": hash }));
     }
-    if let Some(name) = name {
+    if let Some(name) = names.synced {
         extension.push(json!({ "url": SYNCED_NAME_URL, "valueString": name }));
+    }
+    if let Some(name) = names.refused {
+        extension.push(json!({ "url": REFUSED_NAME_URL, "valueString": name }));
     }
     if extension.is_empty() {
         json!({ "system": GROUP_UUID_SYSTEM, "value": uuid })
@@ -180,28 +214,33 @@ fn link_identifier(uuid: &str, hash: Option<&str>, name: Option<&str>) -> Value 
 }
 
 /// `group` with its group-uuid identifier saying `uuid` (and `hash`);
-/// `None` if it already does. The synced name stays while the UUID does.
+/// `None` if it already does. The recorded names stay while the UUID does.
 /// Nothing else changes.
 pub fn with_group_link(group: &Value, uuid: &str, hash: Option<&str>) -> Option<Value> {
-    let name = group_link(group)
-        .filter(|(linked, _)| linked == uuid)
-        .and_then(|_| synced_name(group));
-    with_link(group, uuid, hash, name.as_deref())
+    let same = group_link(group).is_some_and(|(linked, _)| linked == uuid);
+    let synced = same.then(|| synced_name(group)).flatten();
+    let refused = same.then(|| refused_name(group)).flatten();
+    let names = LinkNames {
+        synced: synced.as_deref(),
+        refused: refused.as_deref(),
+    };
+    with_named_link(group, uuid, hash, names)
 }
 
-/// [`with_group_link`] that also records `name` as the synced RapidPro
-/// group name.
-pub fn with_named_link(group: &Value, uuid: &str, hash: Option<&str>, name: &str) -> Option<Value> {
-    with_link(group, uuid, hash, Some(name))
-}
-
-fn with_link(group: &Value, uuid: &str, hash: Option<&str>, name: Option<&str>) -> Option<Value> {
+/// [`with_group_link`] that records `names` instead of keeping them.
+pub fn with_named_link(
+    group: &Value,
+    uuid: &str,
+    hash: Option<&str>,
+    names: LinkNames<'_>,
+) -> Option<Value> {
     if group_link(group) == Some((uuid.to_string(), hash.map(str::to_string)))
-        && synced_name(group).as_deref() == name
+        && synced_name(group).as_deref() == names.synced
+        && refused_name(group).as_deref() == names.refused
     {
         return None;
     }
-    let identifier = link_identifier(uuid, hash, name);
+    let identifier = link_identifier(uuid, hash, names);
     let mut updated = group.clone();
     let object = updated.as_object_mut()?;
     match object.get_mut("identifier") {
@@ -563,8 +602,18 @@ impl GroupSync<'_> {
         let hash = members_hash(&wanted.contacts);
         let link = group_link(resource);
         let name = group_name(resource);
+        // A name RapidPro refused is not sent again until it changes (a
+        // reconcile pass tries it again); it stays reported.
+        let mut refused = refused_name(resource).filter(|r| !full && Some(r.as_str()) == name);
+        if let Some(refused) = &refused {
+            report.conflicts.push(format!(
+                "{}: RapidPro refused the name \"{refused}\" for its group; change Group.name",
+                group.reference()
+            ));
+        }
         // A name equal to the one last synced needs no RapidPro call.
-        let renamed = name.is_some() && synced_name(resource).as_deref() != name;
+        let renamed =
+            name.is_some() && synced_name(resource).as_deref() != name && refused.is_none();
         if !full
             && !renamed
             && let Some((_, Some(recorded))) = &link
@@ -601,7 +650,11 @@ impl GroupSync<'_> {
                 groups.push(made.clone());
                 // Link at once, so that a failure below cannot orphan the group.
                 modify_resource(self.store, "Group", &group.id, |current| {
-                    with_named_link(current, &made.uuid, None, &made.name)
+                    let names = LinkNames {
+                        synced: Some(&made.name),
+                        refused: None,
+                    };
+                    with_named_link(current, &made.uuid, None, names)
                 })
                 .await?;
                 (made, true)
@@ -618,16 +671,23 @@ impl GroupSync<'_> {
         let mut renamed_remote = false;
         if let Some(name) = name
             && target.name != name
+            && refused.is_none()
         {
             // A refused name is reported; the members are synced all the same.
             match self.rename(groups, &target, name).await? {
-                Ok(renamed) => {
+                Rename::Done(renamed) => {
                     target = renamed;
                     renamed_remote = true;
                 }
-                Err(conflict) => report
+                Rename::Clash(conflict) => report
                     .conflicts
                     .push(format!("{}: {conflict}", group.reference())),
+                Rename::Refused(conflict) => {
+                    report
+                        .conflicts
+                        .push(format!("{}: {conflict}", group.reference()));
+                    refused = Some(name.to_string());
+                }
             }
         }
         let current: BTreeSet<String> = if created {
@@ -641,7 +701,11 @@ impl GroupSync<'_> {
         };
         let changed = self.apply(&target.uuid, &current, &wanted.contacts).await?;
         let relinked = modify_resource(self.store, "Group", &group.id, |current| {
-            with_named_link(current, &target.uuid, Some(&hash), &target.name)
+            let names = LinkNames {
+                synced: Some(&target.name),
+                refused: refused.as_deref(),
+            };
+            with_named_link(current, &target.uuid, Some(&hash), names)
         })
         .await?
         .is_some();
@@ -662,17 +726,16 @@ impl GroupSync<'_> {
         })
     }
 
-    /// Rename the RapidPro group `target` to `name`. The inner `Err` is a
-    /// name RapidPro has (another group's, case-insensitively: no call is
-    /// made) or refuses; `groups` is kept up to date.
+    /// Rename the RapidPro group `target` to `name`; `groups` is kept up
+    /// to date.
     async fn rename(
         &self,
         groups: &mut [RemoteGroup],
         target: &RemoteGroup,
         name: &str,
-    ) -> Result<Result<RemoteGroup, String>, SyncError> {
+    ) -> Result<Rename, SyncError> {
         if let Some(problem) = name_problem(name) {
-            return Ok(Err(format!(
+            return Ok(Rename::Refused(format!(
                 "RapidPro group \"{}\" ({}) cannot be renamed to \"{name}\": {problem}",
                 target.name, target.uuid
             )));
@@ -681,7 +744,7 @@ impl GroupSync<'_> {
             .iter()
             .find(|g| g.uuid != target.uuid && g.name.to_lowercase() == name.to_lowercase())
         {
-            return Ok(Err(format!(
+            return Ok(Rename::Clash(format!(
                 "RapidPro group \"{}\" ({}) cannot be renamed to \"{name}\": RapidPro already has a group of that name ({})",
                 target.name, target.uuid, clash.uuid
             )));
@@ -691,9 +754,9 @@ impl GroupSync<'_> {
                 if let Some(listed) = groups.iter_mut().find(|g| g.uuid == renamed.uuid) {
                     *listed = renamed.clone();
                 }
-                Ok(Ok(renamed))
+                Ok(Rename::Done(renamed))
             }
-            Err(SyncError::Refused(why)) => Ok(Err(format!(
+            Err(SyncError::Refused(why)) => Ok(Rename::Refused(format!(
                 "RapidPro refused to rename group \"{}\" ({}) to \"{name}\": {why}",
                 target.name, target.uuid
             ))),
@@ -936,7 +999,7 @@ impl GroupSync<'_> {
                     "type": if all_practitioners { "practitioner" } else { "person" },
                     "actual": true,
                     "name": remote.name,
-                    "identifier": [link_identifier(&remote.uuid, None, None)],
+                    "identifier": [link_identifier(&remote.uuid, None, LinkNames::default())],
                 });
                 let query = format!("identifier={GROUP_UUID_SYSTEM}|{}", remote.uuid);
                 let outcome = self.store.create(group, Some(&query)).await?;
@@ -1131,18 +1194,25 @@ mod tests {
     #[test]
     fn the_synced_name_rides_on_the_link() {
         let group = json!({"resourceType": "Group", "name": "N"});
-        let named = with_named_link(&group, "g-1", None, "N").unwrap();
+        let names = LinkNames {
+            synced: Some("N"),
+            refused: Some("X\\Y"),
+        };
+        let named = with_named_link(&group, "g-1", None, names).unwrap();
         assert_eq!(synced_name(&named).as_deref(), Some("N"));
-        assert!(with_named_link(&named, "g-1", None, "N").is_none());
+        assert_eq!(refused_name(&named).as_deref(), Some("X\\Y"));
+        assert!(with_named_link(&named, "g-1", None, names).is_none());
         // A new hash keeps the name; another RapidPro group drops it.
         let hashed = with_group_link(&named, "g-1", Some("h")).unwrap();
         assert_eq!(synced_name(&hashed).as_deref(), Some("N"));
+        assert_eq!(refused_name(&hashed).as_deref(), Some("X\\Y"));
         assert_eq!(
             group_link(&hashed),
             Some(("g-1".to_string(), Some("h".to_string())))
         );
         let moved = with_group_link(&hashed, "g-2", Some("h")).unwrap();
         assert_eq!(synced_name(&moved), None);
+        assert_eq!(refused_name(&moved), None);
         assert_eq!(with_name(&moved, "M").unwrap()["name"], "M");
         assert!(with_name(&moved, "N").is_none());
     }
@@ -1336,17 +1406,31 @@ mod tests {
         assert_eq!(fake.groups.lock().unwrap()[0].name, "Team");
         let stored = store.read("Group", "g").await.unwrap().resource;
         assert_eq!(synced_name(&stored).as_deref(), Some("Team"));
-        // Accepted later: renamed, and then nothing more.
+        assert_eq!(refused_name(&stored).as_deref(), Some("Team B"));
+        // Still reported, but not sent again while the name is the same.
         fake.refuse_renames
             .store(false, std::sync::atomic::Ordering::SeqCst);
+        let again = sync.run_once().await.unwrap();
+        assert_eq!(
+            (again.unchanged, again.conflicts.len()),
+            (1, 1),
+            "{again:?}"
+        );
+        assert_eq!(fake.renames.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Another name: sent, accepted, the refusal forgotten.
+        let mut group = store.read("Group", "g").await.unwrap().resource;
+        group["name"] = json!("Team C");
+        store.update("Group", "g", group, None).await.unwrap();
         let renamed = sync.run_once().await.unwrap();
         assert_eq!(
             (renamed.updated, renamed.conflicts.len()),
             (1, 0),
             "{renamed:?}"
         );
-        assert_eq!(fake.groups.lock().unwrap()[0].name, "Team B");
+        assert_eq!(fake.groups.lock().unwrap()[0].name, "Team C");
         assert_eq!(fake.renames.load(std::sync::atomic::Ordering::SeqCst), 2);
+        let stored = store.read("Group", "g").await.unwrap().resource;
+        assert_eq!(refused_name(&stored), None);
         assert_eq!(sync.run_once().await.unwrap().unchanged, 1);
         assert_eq!(fake.renames.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
