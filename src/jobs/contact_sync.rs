@@ -746,3 +746,184 @@ impl super::runner::Job for ContactSyncJob {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::test_support::Counting;
+    use serde_json::{Value, json};
+    use std::sync::Mutex;
+
+    /// RapidPro in memory: every create succeeds; updates are recorded.
+    struct Fake {
+        extra: Vec<String>,
+        updates: Mutex<Vec<String>>,
+    }
+
+    fn remote(uuid: String, draft: &ContactDraft) -> RemoteContact {
+        RemoteContact {
+            uuid,
+            urns: draft.urns.clone(),
+            global_id: Some(draft.global_id.clone()),
+            blocked: false,
+        }
+    }
+
+    #[async_trait]
+    impl ContactDirectory for Fake {
+        async fn find_by_uuid(&self, _: &str) -> Result<Option<RemoteContact>, SyncError> {
+            Ok(None)
+        }
+        async fn find_by_urn(&self, _: &str) -> Result<Option<RemoteContact>, SyncError> {
+            Ok(None)
+        }
+        async fn create(&self, draft: &ContactDraft) -> Result<RemoteContact, SyncError> {
+            Ok(remote(format!("c-{}", draft.global_id), draft))
+        }
+        async fn update(
+            &self,
+            uuid: &str,
+            draft: &ContactDraft,
+        ) -> Result<RemoteContact, SyncError> {
+            self.updates.lock().unwrap().push(draft.global_id.clone());
+            Ok(remote(uuid.to_string(), draft))
+        }
+        async fn block(&self, _: &str) -> Result<(), SyncError> {
+            Ok(())
+        }
+        async fn unblock(&self, _: &str) -> Result<(), SyncError> {
+            Ok(())
+        }
+        fn extra_fields(&self) -> &[String] {
+            &self.extra
+        }
+    }
+
+    fn location(id: &str, name: &str, level: Option<&str>, part_of: Option<&str>) -> Value {
+        let mut l = json!({"resourceType": "Location", "id": id, "name": name});
+        if let Some(level) = level {
+            l["type"] = json!([{"coding": [{"code": level}]}]);
+        }
+        if let Some(parent) = part_of {
+            l["partOf"] = json!({"reference": format!("Location/{parent}")});
+        }
+        l
+    }
+
+    #[tokio::test]
+    async fn role_and_location_changes_select_practitioners_in_bulk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Counting::over(
+            crate::store::sqlite::SqliteStore::open(&dir.path().join("fhir.sqlite"))
+                .await
+                .unwrap(),
+        );
+        for l in [
+            location("north", "North", Some("region"), None),
+            location("d", "Buraba", Some("district"), Some("north")),
+            location("f1", "Clinic 1", None, Some("d")),
+            location("f2", "Clinic 2", None, Some("d")),
+            location("west", "West", Some("region"), None),
+            location("e", "Karita", Some("district"), Some("west")),
+            location("g", "Clinic 3", None, Some("e")),
+        ] {
+            let id = l["id"].as_str().unwrap().to_string();
+            store.update("Location", &id, l, None).await.unwrap();
+        }
+        // 150 practitioners under district d, 10 under e.
+        for n in 0..160 {
+            let id = format!("p{n}");
+            let p = json!({"resourceType": "Practitioner", "id": id, "name": [{"text": format!("W {n}")}],
+                "telecom": [{"system": "phone", "value": format!("0770{:06}", 100_000 + n)}]});
+            store.update("Practitioner", &id, p, None).await.unwrap();
+            let at = match n {
+                0..150 if n % 2 == 0 => "f1",
+                0..150 => "f2",
+                _ => "g",
+            };
+            let role = json!({"resourceType": "PractitionerRole", "id": format!("r{n}"), "active": true,
+                "practitioner": {"reference": format!("Practitioner/{id}")},
+                "location": [{"reference": format!("Location/{at}")}]});
+            store
+                .update("PractitionerRole", &format!("r{n}"), role, None)
+                .await
+                .unwrap();
+        }
+        let fake = Fake {
+            extra: vec!["facility".into(), "district".into()],
+            updates: Mutex::new(Vec::new()),
+        };
+        let phones = PhoneNormalizer::new(Some("LR")).unwrap();
+        let sync = ContactSync {
+            store: &store,
+            directory: &fake,
+            phones: &phones,
+            page_size: 50,
+            progress: indicatif::ProgressBar::hidden(),
+        };
+        let first = sync.run_once(false).await.unwrap();
+        assert_eq!(first.created, 160, "{first:?}");
+        // The next pass looks at the write-backs; it ends at a bystander.
+        let bystander = json!({"resourceType": "Practitioner", "id": "by"});
+        store
+            .update("Practitioner", "by", bystander, None)
+            .await
+            .unwrap();
+        let settled = sync.run_once(false).await.unwrap();
+        assert_eq!(settled.updated, 0, "{settled:?}");
+
+        // A district renamed: its 150 practitioners, selected in a few searches.
+        let renamed = location("d", "Buraba East", Some("district"), Some("north"));
+        store.update("Location", "d", renamed, None).await.unwrap();
+        store.searched.lock().unwrap().clear();
+        let report = sync.run_once(false).await.unwrap();
+        assert_eq!(report.updated, 150, "{report:?}");
+        let mut updated = std::mem::take(&mut *fake.updates.lock().unwrap());
+        updated.sort_by_key(|id| id[1..].parse::<usize>().unwrap_or(usize::MAX));
+        let expected: Vec<String> = (0..150).map(|n| format!("p{n}")).collect();
+        assert_eq!(updated, expected, "nobody under district e");
+        // The Locations below d (one level, then none), the roles there
+        // (150 in pages of 100), the practitioners (100 ids per search).
+        // (The roles pass before may pick up the last role written before
+        // the first pass, at its inclusive cursor: counted from the
+        // Locations pass on.)
+        let searched = store.searched.lock().unwrap().clone();
+        let from = searched
+            .iter()
+            .position(|(t, params)| t == "Location" && params.iter().any(|p| p == "partof"))
+            .unwrap();
+        let count = |resource_type: &str, param: &str| {
+            searched[from..]
+                .iter()
+                .filter(|(t, params)| t == resource_type && params.iter().any(|p| p == param))
+                .count()
+        };
+        assert_eq!(count("Location", "partof"), 2);
+        assert_eq!(count("PractitionerRole", "location"), 2);
+        assert_eq!(count("Practitioner", "_id"), 2);
+
+        // The write-backs again, ending at the bystander: nothing to send.
+        let bystander = json!({"resourceType": "Practitioner", "id": "by", "active": true});
+        store
+            .update("Practitioner", "by", bystander, None)
+            .await
+            .unwrap();
+        let settled = sync.run_once(false).await.unwrap();
+        assert_eq!(settled.updated, 0, "{settled:?}");
+
+        // A role moved to another district: only its practitioner.
+        let mut role = store.read("PractitionerRole", "r0").await.unwrap().resource;
+        role["location"] = json!([{"reference": "Location/g"}]);
+        store
+            .update("PractitionerRole", "r0", role, None)
+            .await
+            .unwrap();
+        let report = sync.run_once(false).await.unwrap();
+        assert_eq!(report.updated, 1, "{report:?}");
+        let moved = std::mem::take(&mut *fake.updates.lock().unwrap());
+        assert_eq!(moved, vec!["p0".to_string()]);
+        let quiet = sync.run_once(false).await.unwrap();
+        assert_eq!(quiet.updated, 0, "{quiet:?}");
+        assert!(fake.updates.lock().unwrap().is_empty());
+    }
+}

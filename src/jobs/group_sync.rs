@@ -1127,6 +1127,7 @@ fn count(report: &mut GroupSyncReport, outcome: Outcome) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jobs::test_support::Counting;
 
     fn at(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
@@ -1507,103 +1508,14 @@ mod tests {
         assert_eq!(fake.members.lock().unwrap()["g-0"].len(), 2);
     }
 
-    /// Counts the reads and searches that reach the store.
-    struct Counting {
-        inner: crate::store::sqlite::SqliteStore,
-        reads: std::sync::atomic::AtomicUsize,
-        searches: std::sync::atomic::AtomicUsize,
-    }
-
-    #[async_trait]
-    impl FhirStore for Counting {
-        fn backend_name(&self) -> &'static str {
-            "counting"
-        }
-        async fn create(
-            &self,
-            resource: Value,
-            if_none_exist: Option<&str>,
-        ) -> crate::store::StoreResult<crate::store::WriteOutcome> {
-            self.inner.create(resource, if_none_exist).await
-        }
-        async fn update(
-            &self,
-            resource_type: &str,
-            id: &str,
-            resource: Value,
-            if_match: Option<&str>,
-        ) -> crate::store::StoreResult<crate::store::WriteOutcome> {
-            self.inner
-                .update(resource_type, id, resource, if_match)
-                .await
-        }
-        async fn conditional_update(
-            &self,
-            resource_type: &str,
-            query: &str,
-            resource: Value,
-            if_match: Option<&str>,
-        ) -> crate::store::StoreResult<crate::store::WriteOutcome> {
-            self.inner
-                .conditional_update(resource_type, query, resource, if_match)
-                .await
-        }
-        async fn read(
-            &self,
-            resource_type: &str,
-            id: &str,
-        ) -> crate::store::StoreResult<StoredResource> {
-            self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            self.inner.read(resource_type, id).await
-        }
-        async fn vread(
-            &self,
-            resource_type: &str,
-            id: &str,
-            version_id: &str,
-        ) -> crate::store::StoreResult<StoredResource> {
-            self.inner.vread(resource_type, id, version_id).await
-        }
-        async fn delete(
-            &self,
-            resource_type: &str,
-            id: &str,
-            if_match: Option<&str>,
-        ) -> crate::store::StoreResult<Option<String>> {
-            self.inner.delete(resource_type, id, if_match).await
-        }
-        async fn search(
-            &self,
-            request: SearchRequest,
-        ) -> crate::store::StoreResult<crate::store::SearchPage> {
-            self.searches
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            self.inner.search(request).await
-        }
-        async fn history(
-            &self,
-            request: HistoryRequest,
-        ) -> crate::store::StoreResult<crate::store::HistoryPage> {
-            self.inner.history(request).await
-        }
-        async fn process_bundle(&self, bundle: Value) -> crate::store::StoreResult<Value> {
-            self.inner.process_bundle(bundle).await
-        }
-        async fn check(&self) -> crate::store::StoreResult<crate::store::BackendStatus> {
-            self.inner.check().await
-        }
-    }
-
     #[tokio::test]
     async fn members_are_read_in_bulk() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Counting {
-            inner: crate::store::sqlite::SqliteStore::open(&dir.path().join("fhir.sqlite"))
+        let store = Counting::over(
+            crate::store::sqlite::SqliteStore::open(&dir.path().join("fhir.sqlite"))
                 .await
                 .unwrap(),
-            reads: Default::default(),
-            searches: Default::default(),
-        };
+        );
         let mut members = Vec::new();
         for n in 0..250 {
             let (resource_type, id) = if n % 5 == 0 {
