@@ -3,9 +3,9 @@
 //! what was last pushed, otherwise find the RapidPro contact (by the
 //! written-back UUID, then by URN), create or update it, and write the
 //! UUID and hash back. When extra contact fields are configured
-//! (`rapidpro.extra_fields`), Practitioners whose PractitionerRole, or a
-//! Location above their role's, changed since its own cursor are synced
-//! again too (selected in bulk searches). RapidPro is reached through
+//! (`rapidpro.extra_fields`), Practitioners whose PractitionerRole, or
+//! whose role's Location or one above it, changed since that kind's own
+//! cursor are synced again too (selected in bulk searches). RapidPro is reached through
 //! [`ContactDirectory`], implemented by the RapidPro client (and by fakes
 //! in tests).
 
