@@ -8,7 +8,9 @@ mod common;
 
 use mhero::config::GroupsSource;
 use mhero::jobs::contact_sync::ContactSync;
-use mhero::jobs::group_sync::{GROUP_UUID_SYSTEM, GroupSync, contact_uuid, group_link};
+use mhero::jobs::group_sync::{
+    GROUP_UUID_SYSTEM, GroupDirectory, GroupSync, contact_uuid, group_link,
+};
 use mhero::jobs::rapidpro_directory::RapidProDirectory;
 use mhero::pipeline::phone::PhoneNormalizer;
 use mhero::rapidpro::sandbox::{SandboxServer, SandboxSettings};
@@ -572,5 +574,153 @@ async fn reconcile_undoes_a_change_made_by_hand_in_rapidpro() {
     assert_eq!(report.updated, 1, "{report:?}");
     assert_eq!(group_actions(&sandbox), vec![("add".to_string(), 1)]);
     assert!(members_in_sandbox(&sandbox, "Lab").contains(&hw0));
+    sandbox.shutdown().await.unwrap();
+}
+
+/// POSTs to `groups.json` with `?uuid=` (renames) in the call log.
+fn renames(sandbox: &SandboxServer) -> Vec<Value> {
+    sandbox
+        .sandbox()
+        .calls()
+        .iter()
+        .filter(|c| c.method == "POST" && c.path.ends_with("groups.json"))
+        .filter(|c| c.query.as_deref().is_some_and(|q| q.contains("uuid=")))
+        .map(|c| c.body.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn renaming_a_fhir_group_renames_its_rapidpro_group() {
+    let World {
+        dir: _dir,
+        store,
+        sandbox,
+        directory,
+    } = world(2).await;
+    let group = json!({ "resourceType": "Group", "id": "g", "type": "practitioner", "actual": true,
+        "name": "Nurses", "member": [member("hw0")] });
+    store.update("Group", "g", group, None).await.unwrap();
+    let sync = GroupSync {
+        store: &store,
+        directory: &directory,
+        source: GroupsSource::Fhir,
+    };
+    assert_eq!(sync.run_once().await.unwrap().created, 1);
+    let uuid = group_link(&store.read("Group", "g").await.unwrap().resource)
+        .unwrap()
+        .0;
+    // An operator's group, whose name the FHIR Group will try to take.
+    let doctors = directory.create_group("Doctors").await.unwrap();
+
+    // Same name: no call at all.
+    sandbox.sandbox().clear_calls();
+    assert_eq!(sync.run_once().await.unwrap().unchanged, 1);
+    assert!(sandbox.sandbox().calls().is_empty());
+
+    // Renamed in FHIR: one rename call, same RapidPro group, members kept.
+    edit_group(&store, "g", |g| g["name"] = json!("Senior Nurses")).await;
+    sandbox.sandbox().clear_calls();
+    let renamed = sync.run_once().await.unwrap();
+    assert_eq!(renamed.updated, 1, "{renamed:?}");
+    assert!(
+        renamed.conflicts.is_empty() && renamed.failures.is_empty(),
+        "{renamed:?}"
+    );
+    assert_eq!(renames(&sandbox), vec![json!({"name": "Senior Nurses"})]);
+    assert!(group_actions(&sandbox).is_empty(), "membership unchanged");
+    let groups = sandbox_groups(&sandbox);
+    let ours = groups.iter().find(|g| g["uuid"] == uuid.as_str()).unwrap();
+    assert_eq!(ours["name"], "Senior Nurses");
+    assert_eq!(groups.len(), 2, "no new group: {groups:?}");
+    assert_eq!(
+        members_in_sandbox(&sandbox, "Senior Nurses"),
+        BTreeSet::from([uuid_of(&store, "hw0").await])
+    );
+    sandbox.sandbox().clear_calls();
+    assert_eq!(sync.run_once().await.unwrap().unchanged, 1);
+    assert!(sandbox.sandbox().calls().is_empty(), "renamed once only");
+
+    // A name another RapidPro group has (case-insensitively) is reported,
+    // not sent, on every pass; members are still synced.
+    edit_group(&store, "g", |g| {
+        g["name"] = json!("doctors");
+        g["member"] = json!([member("hw0"), member("hw1")]);
+    })
+    .await;
+    sandbox.sandbox().clear_calls();
+    for pass in 0..2 {
+        let refused = sync.run_once().await.unwrap();
+        assert_eq!(refused.conflicts.len(), 1, "pass {pass}: {refused:?}");
+        assert!(
+            refused.conflicts[0].contains("\"doctors\"")
+                && refused.conflicts[0].contains(&doctors.uuid),
+            "{refused:?}"
+        );
+        assert!(refused.failures.is_empty(), "{refused:?}");
+        assert!(renames(&sandbox).is_empty(), "pass {pass}: no rename call");
+    }
+    assert_eq!(group_actions(&sandbox), vec![("add".to_string(), 1)]);
+    assert_eq!(members_in_sandbox(&sandbox, "Senior Nurses").len(), 2);
+
+    // RapidPro's own refusal (400) comes back as `Refused`, not as a
+    // transient error.
+    let err = directory.rename_group(&uuid, "DOCTORS").await.unwrap_err();
+    assert!(
+        matches!(&err, mhero::jobs::contact_sync::SyncError::Refused(m) if m.contains("unique")),
+        "{err:?}"
+    );
+    sandbox.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn renaming_a_rapidpro_group_renames_its_fhir_group() {
+    let World {
+        dir: _dir,
+        store,
+        sandbox,
+        directory,
+    } = world(1).await;
+    let made = directory.create_group("Midwives").await.unwrap();
+    directory
+        .add_to_group(&made.uuid, &[uuid_of(&store, "hw0").await])
+        .await
+        .unwrap();
+    let sync = GroupSync {
+        store: &store,
+        directory: &directory,
+        source: GroupsSource::Rapidpro,
+    };
+    assert_eq!(sync.run_once().await.unwrap().created, 1);
+    let found = store
+        .search(mhero::store::SearchRequest {
+            resource_type: "Group".into(),
+            params: vec![(
+                "identifier".into(),
+                format!("{GROUP_UUID_SYSTEM}|{}", made.uuid),
+            )],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let id = found.matches[0].id.clone();
+    let before = store.read("Group", &id).await.unwrap();
+    assert_eq!(before.resource["name"], "Midwives");
+
+    directory
+        .rename_group(&made.uuid, "Senior Midwives")
+        .await
+        .unwrap();
+    let report = sync.run_once().await.unwrap();
+    assert_eq!(report.updated, 1, "{report:?}");
+    let after = store.read("Group", &id).await.unwrap();
+    assert_eq!(after.resource["name"], "Senior Midwives");
+    assert_eq!(after.resource["member"], before.resource["member"]);
+    let again = sync.run_once().await.unwrap();
+    assert_eq!(again.unchanged, 1, "{again:?}");
+    assert_eq!(
+        store.read("Group", &id).await.unwrap().version_id,
+        after.version_id,
+        "no write once the names agree"
+    );
     sandbox.shutdown().await.unwrap();
 }

@@ -1134,3 +1134,59 @@ async fn a_next_link_to_the_same_page_stops_paging() {
     assert!(results[0].is_ok() && results[1].is_ok());
     assert!(matches!(results[2], Err(RapidProError::Decode(_))));
 }
+
+#[tokio::test]
+async fn a_group_rename_posts_the_name_by_uuid_and_is_retried_after_a_5xx() {
+    let server = MockServer::start().await;
+    let uuid = "5f05311e-8f81-4a67-a5b5-1501b6d6496a";
+    Mock::given(method("POST"))
+        .and(path("/api/v2/groups.json"))
+        .and(query_param("uuid", uuid))
+        .and(body_json(json!({"name": "Nurses"})))
+        .respond_with(ResponseTemplate::new(502).set_body_string("Bad Gateway"))
+        .up_to_n_times(1)
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/api/v2/groups.json"))
+        .and(query_param("uuid", uuid))
+        .and(body_json(json!({"name": "Nurses"})))
+        .respond_with(json_reply(
+            200,
+            json!({"uuid": uuid, "name": "Nurses", "query": null, "status": "ready", "system": false, "count": 3}),
+        ))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let group = client(&server).update_group(uuid, "Nurses").await.unwrap();
+    assert_eq!(group.uuid, uuid);
+    assert_eq!(group.name, "Nurses");
+    assert_eq!(group.count, Some(3));
+}
+
+#[tokio::test]
+async fn a_refused_group_name_is_invalid_and_not_retried() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/v2/groups.json"))
+        .and(query_param("uuid", "5f05311e-8f81-4a67-a5b5-1501b6d6496a"))
+        .respond_with(json_reply(
+            400,
+            json!({"name": ["This field must be unique."]}),
+        ))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let err = client(&server)
+        .update_group("5f05311e-8f81-4a67-a5b5-1501b6d6496a", "Reporters")
+        .await
+        .unwrap_err();
+    match &err {
+        RapidProError::Invalid(errors) => {
+            assert_eq!(errors.for_field("name"), vec!["This field must be unique."]);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!err.is_transient());
+}

@@ -2,8 +2,14 @@
 //! stored cursor, compute the contact draft, skip it if its hash equals
 //! what was last pushed, otherwise find the RapidPro contact (by the
 //! written-back UUID, then by URN), create or update it, and write the
-//! UUID and hash back. RapidPro is reached through [`ContactDirectory`],
-//! implemented by the RapidPro client (and by fakes in tests).
+//! UUID and hash back. When extra contact fields are configured
+//! (`rapidpro.extra_fields`), Practitioners whose PractitionerRole, or
+//! whose role's Location or one above it, changed since that kind's own
+//! cursor are synced again too (selected in bulk searches). RapidPro is reached through
+//! [`ContactDirectory`], implemented by the RapidPro client (and by fakes
+//! in tests).
+
+use std::collections::{BTreeSet, HashSet};
 
 use async_trait::async_trait;
 
@@ -11,10 +17,25 @@ use super::contact_writeback::{
     WrittenBack, blocked_by_connector, content_hash, pushed_hash, write_back,
 };
 use super::cursor::Cursor;
+use super::group_sync::{escape, search_all};
 use crate::pipeline::contact::{ContactDraft, PERSON_TYPES, draft};
 use crate::pipeline::phone::PhoneNormalizer;
 use crate::pipeline::work_context::LocationCache;
-use crate::store::{FhirStore, HistoryMethod, HistoryRequest, SearchRequest, StoreError};
+use crate::store::{
+    FhirStore, HistoryMethod, HistoryRequest, SearchRequest, StoreError, StoredResource,
+};
+
+/// Ids (or references) per bulk FHIR search of the work-context pass.
+const SEARCH_BATCH: usize = 100;
+/// Deepest `Location.partOf` chain followed down from a changed Location
+/// (as deep as `pipeline::work_context` follows it up).
+const MAX_LOCATION_DEPTH: usize = 12;
+/// The cursors of the work-context pass.
+const ROLES_CURSOR: &str = "contacts-practitionerrole";
+const LOCATIONS_CURSOR: &str = "contacts-location";
+/// Extra fields that come from the role's Location (and those above it);
+/// `job` comes from the role alone.
+const LOCATION_FIELDS: &[&str] = &["facility", "district", "region", "country"];
 
 /// A RapidPro contact as the sync needs to see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +58,10 @@ pub enum SyncError {
     /// RapidPro refused a create because a URN belongs to another contact.
     #[error("RapidPro: a URN is in use by another contact")]
     UrnTaken,
+    /// RapidPro refused a write as invalid (400), e.g. a group name it
+    /// already has: retrying the same request cannot help.
+    #[error("RapidPro refused it: {0}")]
+    Refused(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -272,6 +297,10 @@ impl ContactSync<'_> {
         // included) wait for the next pass, which the cursor guarantees.
         let started = crate::fhir::format_instant(&chrono::Utc::now());
         let mut locations = LocationCache::default();
+        // Practitioners examined by this pass (the work-context pass skips them).
+        let mut done: HashSet<String> = HashSet::new();
+        // Every Practitioner was looked at (a full or a first pass).
+        let mut all_practitioners = false;
         for resource_type in PERSON_TYPES {
             let mut cursor = Cursor::load(
                 self.store,
@@ -279,6 +308,9 @@ impl ContactSync<'_> {
             )
             .await?;
             let since = if full { None } else { cursor.position.clone() };
+            if *resource_type == "Practitioner" {
+                all_practitioners = since.is_none();
+            }
             let mut params = vec![
                 ("_sort".to_string(), "_lastUpdated".to_string()),
                 ("_count".to_string(), self.page_size.to_string()),
@@ -301,25 +333,10 @@ impl ContactSync<'_> {
                     })
                     .await?;
                 for person in &page.matches {
-                    report.examined += 1;
-                    self.progress.inc(1);
-                    match sync_person(
-                        self.store,
-                        self.directory,
-                        self.phones,
-                        &mut locations,
-                        &person.resource,
-                    )
-                    .await
-                    {
-                        Ok(PersonOutcome::Unchanged) => report.unchanged += 1,
-                        Ok(PersonOutcome::Created(_)) => report.created += 1,
-                        Ok(PersonOutcome::Updated(_)) => report.updated += 1,
-                        Ok(PersonOutcome::Blocked(_)) => report.blocked += 1,
-                        Ok(PersonOutcome::NoPhone) => report.no_phone += 1,
-                        Ok(PersonOutcome::Conflict(message)) => report.conflicts.push(message),
-                        Err(e) => report.failures.push(format!("{}: {e}", person.reference())),
+                    if *resource_type == "Practitioner" {
+                        done.insert(person.id.clone());
                     }
+                    self.sync_one(person, &mut locations, &mut report).await;
                 }
                 // Only what was done without failures counts as done.
                 if report.failures.is_empty()
@@ -339,7 +356,192 @@ impl ContactSync<'_> {
             }
             self.block_deleted(resource_type, full, &mut report).await?;
         }
+        let pass = WorkContextPass {
+            started: &started,
+            all_practitioners: all_practitioners && report.failures.is_empty(),
+        };
+        self.sync_work_context(&pass, &mut done, &mut locations, &mut report)
+            .await?;
         Ok(report)
+    }
+
+    async fn sync_one(
+        &self,
+        person: &StoredResource,
+        locations: &mut LocationCache,
+        report: &mut SyncReport,
+    ) {
+        report.examined += 1;
+        self.progress.inc(1);
+        match sync_person(
+            self.store,
+            self.directory,
+            self.phones,
+            locations,
+            &person.resource,
+        )
+        .await
+        {
+            Ok(PersonOutcome::Unchanged) => report.unchanged += 1,
+            Ok(PersonOutcome::Created(_)) => report.created += 1,
+            Ok(PersonOutcome::Updated(_)) => report.updated += 1,
+            Ok(PersonOutcome::Blocked(_)) => report.blocked += 1,
+            Ok(PersonOutcome::NoPhone) => report.no_phone += 1,
+            Ok(PersonOutcome::Conflict(message)) => report.conflicts.push(message),
+            Err(e) => report.failures.push(format!("{}: {e}", person.reference())),
+        }
+    }
+
+    /// The extra fields come from PractitionerRoles and Locations, whose
+    /// changes leave the Practitioner's `lastUpdated` alone: Practitioners
+    /// with a role changed since the roles cursor, or a role at a Location
+    /// (or below one, through `partOf`) changed since the locations cursor,
+    /// are synced again. Nothing is read when no such field is configured.
+    /// Each cursor works like the people's: the pass stops at `started`,
+    /// and a cursor moves only past pages done without failures.
+    async fn sync_work_context(
+        &self,
+        pass: &WorkContextPass<'_>,
+        done: &mut HashSet<String>,
+        locations: &mut LocationCache,
+        report: &mut SyncReport,
+    ) -> Result<(), SyncError> {
+        let extra = self.directory.extra_fields();
+        if extra.is_empty() {
+            return Ok(());
+        }
+        let by_location = extra.iter().any(|f| LOCATION_FIELDS.contains(&f.as_str()));
+        let kinds: &[(&str, &str)] = if by_location {
+            &[
+                ("PractitionerRole", ROLES_CURSOR),
+                ("Location", LOCATIONS_CURSOR),
+            ]
+        } else {
+            &[("PractitionerRole", ROLES_CURSOR)]
+        };
+        for (resource_type, name) in kinds {
+            let mut cursor = Cursor::load(self.store, name).await?;
+            if pass.all_practitioners {
+                // Everyone was just synced with the roles and Locations as
+                // they were at `started` or later.
+                cursor.advance(self.store, pass.started).await?;
+                continue;
+            }
+            let mut params = vec![
+                ("_sort".to_string(), "_lastUpdated".to_string()),
+                ("_count".to_string(), self.page_size.to_string()),
+                ("_total".to_string(), "none".to_string()),
+                ("_lastUpdated".to_string(), format!("le{}", pass.started)),
+            ];
+            if let Some(since) = &cursor.position {
+                params.push(("_lastUpdated".into(), format!("ge{since}")));
+            }
+            let mut page_cursor = None;
+            let mut done_up_to = None;
+            loop {
+                let page = self
+                    .store
+                    .search(SearchRequest {
+                        resource_type: resource_type.to_string(),
+                        params: params.clone(),
+                        cursor: page_cursor.clone(),
+                        lenient: false,
+                    })
+                    .await?;
+                let roles = if *resource_type == "Location" {
+                    let ids: Vec<String> = page.matches.iter().map(|l| l.id.clone()).collect();
+                    self.roles_at_or_below(&ids).await?
+                } else {
+                    page.matches.iter().map(|r| r.resource.clone()).collect()
+                };
+                let wanted: BTreeSet<String> = roles
+                    .iter()
+                    .filter_map(role_practitioner)
+                    .filter(|id| !done.contains(id))
+                    .collect();
+                for practitioner in self.read_practitioners(&wanted).await? {
+                    done.insert(practitioner.id.clone());
+                    self.sync_one(&practitioner, locations, report).await;
+                }
+                if report.failures.is_empty()
+                    && let Some(last) = page.matches.last()
+                {
+                    done_up_to = Some(last.last_updated);
+                }
+                match page.next_cursor {
+                    Some(next) if report.failures.is_empty() => page_cursor = Some(next),
+                    _ => break,
+                }
+            }
+            if let Some(done_up_to) = done_up_to {
+                cursor
+                    .advance(self.store, &crate::fhir::format_instant(&done_up_to))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The PractitionerRoles at the Locations `ids` or at any Location
+    /// below them (`partOf`, down to [`MAX_LOCATION_DEPTH`] levels), found
+    /// with `partof=` and `location=` searches of up to [`SEARCH_BATCH`]
+    /// references each.
+    async fn roles_at_or_below(&self, ids: &[String]) -> Result<Vec<serde_json::Value>, SyncError> {
+        let mut seen: BTreeSet<String> = ids.iter().cloned().collect();
+        let mut frontier: Vec<String> = seen.iter().cloned().collect();
+        for _ in 0..MAX_LOCATION_DEPTH {
+            if frontier.is_empty() {
+                break;
+            }
+            let mut next = Vec::new();
+            for chunk in frontier.chunks(SEARCH_BATCH) {
+                for child in search_all(
+                    self.store,
+                    "Location",
+                    reference_list("partof", "Location", chunk),
+                )
+                .await?
+                {
+                    if seen.insert(child.id.clone()) {
+                        next.push(child.id);
+                    }
+                }
+            }
+            frontier = next;
+        }
+        let all: Vec<String> = seen.into_iter().collect();
+        let mut roles = Vec::new();
+        for chunk in all.chunks(SEARCH_BATCH) {
+            roles.extend(
+                search_all(
+                    self.store,
+                    "PractitionerRole",
+                    reference_list("location", "Location", chunk),
+                )
+                .await?
+                .into_iter()
+                .map(|r| r.resource),
+            );
+        }
+        Ok(roles)
+    }
+
+    /// The Practitioners `ids`, read with `_id=` searches.
+    async fn read_practitioners(
+        &self,
+        ids: &BTreeSet<String>,
+    ) -> Result<Vec<StoredResource>, SyncError> {
+        let ids: Vec<&String> = ids.iter().collect();
+        let mut found = Vec::new();
+        for chunk in ids.chunks(SEARCH_BATCH) {
+            let list: Vec<String> = chunk.iter().map(|id| escape(id)).collect();
+            let params = vec![
+                ("_id".to_string(), list.join(",")),
+                ("_count".to_string(), SEARCH_BATCH.to_string()),
+            ];
+            found.extend(search_all(self.store, "Practitioner", params).await?);
+        }
+        Ok(found)
     }
 
     /// People deleted in FHIR since the deletions cursor: their contacts are
@@ -438,6 +640,39 @@ impl ContactSync<'_> {
     }
 }
 
+/// What the people part of a pass tells the work-context part.
+struct WorkContextPass<'a> {
+    /// The pass's upper bound on `_lastUpdated`.
+    started: &'a str,
+    /// Every Practitioner was synced by this pass without failures.
+    all_practitioners: bool,
+}
+
+/// `name=Type/a,Type/b,...` (and a page size) for a reference search.
+fn reference_list(name: &str, resource_type: &str, ids: &[String]) -> Vec<(String, String)> {
+    let list: Vec<String> = ids
+        .iter()
+        .map(|id| format!("{resource_type}/{}", escape(id)))
+        .collect();
+    vec![
+        (name.to_string(), list.join(",")),
+        ("_count".to_string(), SEARCH_BATCH.to_string()),
+    ]
+}
+
+/// The id of a role's Practitioner (relative or absolute reference).
+fn role_practitioner(role: &serde_json::Value) -> Option<String> {
+    let reference = role.pointer("/practitioner/reference")?.as_str()?;
+    let mut parts = reference.trim_end_matches('/').rsplit('/');
+    let mut id = parts.next()?;
+    let mut resource_type = parts.next()?;
+    if resource_type == "_history" {
+        id = parts.next()?;
+        resource_type = parts.next()?;
+    }
+    (resource_type == "Practitioner" && !id.is_empty()).then(|| id.to_string())
+}
+
 /// The RapidPro sync as a background job of `mhero serve`: contacts FHIR ->
 /// RapidPro, then RapidPro -> FHIR statuses, then groups.
 pub struct ContactSyncJob {
@@ -509,5 +744,186 @@ impl super::runner::Job for ContactSyncJob {
             failures.extend(groups.failures);
             Err(format!("{summary}; first failure: {}", failures[0]))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::test_support::Counting;
+    use serde_json::{Value, json};
+    use std::sync::Mutex;
+
+    /// RapidPro in memory: every create succeeds; updates are recorded.
+    struct Fake {
+        extra: Vec<String>,
+        updates: Mutex<Vec<String>>,
+    }
+
+    fn remote(uuid: String, draft: &ContactDraft) -> RemoteContact {
+        RemoteContact {
+            uuid,
+            urns: draft.urns.clone(),
+            global_id: Some(draft.global_id.clone()),
+            blocked: false,
+        }
+    }
+
+    #[async_trait]
+    impl ContactDirectory for Fake {
+        async fn find_by_uuid(&self, _: &str) -> Result<Option<RemoteContact>, SyncError> {
+            Ok(None)
+        }
+        async fn find_by_urn(&self, _: &str) -> Result<Option<RemoteContact>, SyncError> {
+            Ok(None)
+        }
+        async fn create(&self, draft: &ContactDraft) -> Result<RemoteContact, SyncError> {
+            Ok(remote(format!("c-{}", draft.global_id), draft))
+        }
+        async fn update(
+            &self,
+            uuid: &str,
+            draft: &ContactDraft,
+        ) -> Result<RemoteContact, SyncError> {
+            self.updates.lock().unwrap().push(draft.global_id.clone());
+            Ok(remote(uuid.to_string(), draft))
+        }
+        async fn block(&self, _: &str) -> Result<(), SyncError> {
+            Ok(())
+        }
+        async fn unblock(&self, _: &str) -> Result<(), SyncError> {
+            Ok(())
+        }
+        fn extra_fields(&self) -> &[String] {
+            &self.extra
+        }
+    }
+
+    fn location(id: &str, name: &str, level: Option<&str>, part_of: Option<&str>) -> Value {
+        let mut l = json!({"resourceType": "Location", "id": id, "name": name});
+        if let Some(level) = level {
+            l["type"] = json!([{"coding": [{"code": level}]}]);
+        }
+        if let Some(parent) = part_of {
+            l["partOf"] = json!({"reference": format!("Location/{parent}")});
+        }
+        l
+    }
+
+    #[tokio::test]
+    async fn role_and_location_changes_select_practitioners_in_bulk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Counting::over(
+            crate::store::sqlite::SqliteStore::open(&dir.path().join("fhir.sqlite"))
+                .await
+                .unwrap(),
+        );
+        for l in [
+            location("north", "North", Some("region"), None),
+            location("d", "Buraba", Some("district"), Some("north")),
+            location("f1", "Clinic 1", None, Some("d")),
+            location("f2", "Clinic 2", None, Some("d")),
+            location("west", "West", Some("region"), None),
+            location("e", "Karita", Some("district"), Some("west")),
+            location("g", "Clinic 3", None, Some("e")),
+        ] {
+            let id = l["id"].as_str().unwrap().to_string();
+            store.update("Location", &id, l, None).await.unwrap();
+        }
+        // 150 practitioners under district d, 10 under e.
+        for n in 0..160 {
+            let id = format!("p{n}");
+            let p = json!({"resourceType": "Practitioner", "id": id, "name": [{"text": format!("W {n}")}],
+                "telecom": [{"system": "phone", "value": format!("0770{:06}", 100_000 + n)}]});
+            store.update("Practitioner", &id, p, None).await.unwrap();
+            let at = match n {
+                0..150 if n % 2 == 0 => "f1",
+                0..150 => "f2",
+                _ => "g",
+            };
+            let role = json!({"resourceType": "PractitionerRole", "id": format!("r{n}"), "active": true,
+                "practitioner": {"reference": format!("Practitioner/{id}")},
+                "location": [{"reference": format!("Location/{at}")}]});
+            store
+                .update("PractitionerRole", &format!("r{n}"), role, None)
+                .await
+                .unwrap();
+        }
+        let fake = Fake {
+            extra: vec!["facility".into(), "district".into()],
+            updates: Mutex::new(Vec::new()),
+        };
+        let phones = PhoneNormalizer::new(Some("LR")).unwrap();
+        let sync = ContactSync {
+            store: &store,
+            directory: &fake,
+            phones: &phones,
+            page_size: 50,
+            progress: indicatif::ProgressBar::hidden(),
+        };
+        let first = sync.run_once(false).await.unwrap();
+        assert_eq!(first.created, 160, "{first:?}");
+        // The next pass looks at the write-backs; it ends at a bystander.
+        let bystander = json!({"resourceType": "Practitioner", "id": "by"});
+        store
+            .update("Practitioner", "by", bystander, None)
+            .await
+            .unwrap();
+        let settled = sync.run_once(false).await.unwrap();
+        assert_eq!(settled.updated, 0, "{settled:?}");
+
+        // A district renamed: its 150 practitioners, selected in a few searches.
+        let renamed = location("d", "Buraba East", Some("district"), Some("north"));
+        store.update("Location", "d", renamed, None).await.unwrap();
+        store.searched.lock().unwrap().clear();
+        let report = sync.run_once(false).await.unwrap();
+        assert_eq!(report.updated, 150, "{report:?}");
+        let mut updated = std::mem::take(&mut *fake.updates.lock().unwrap());
+        updated.sort_by_key(|id| id[1..].parse::<usize>().unwrap_or(usize::MAX));
+        let expected: Vec<String> = (0..150).map(|n| format!("p{n}")).collect();
+        assert_eq!(updated, expected, "nobody under district e");
+        // The Locations below d (one level, then none), the roles there
+        // (150 in pages of 100), the practitioners (100 ids per search).
+        // (The roles pass before may pick up the last role written before
+        // the first pass, at its inclusive cursor: counted from the
+        // Locations pass on.)
+        let searched = store.searched.lock().unwrap().clone();
+        let from = searched
+            .iter()
+            .position(|(t, params)| t == "Location" && params.iter().any(|p| p == "partof"))
+            .unwrap();
+        let count = |resource_type: &str, param: &str| {
+            searched[from..]
+                .iter()
+                .filter(|(t, params)| t == resource_type && params.iter().any(|p| p == param))
+                .count()
+        };
+        assert_eq!(count("Location", "partof"), 2);
+        assert_eq!(count("PractitionerRole", "location"), 2);
+        assert_eq!(count("Practitioner", "_id"), 2);
+
+        // The write-backs again, ending at the bystander: nothing to send.
+        let bystander = json!({"resourceType": "Practitioner", "id": "by", "active": true});
+        store
+            .update("Practitioner", "by", bystander, None)
+            .await
+            .unwrap();
+        let settled = sync.run_once(false).await.unwrap();
+        assert_eq!(settled.updated, 0, "{settled:?}");
+
+        // A role moved to another district: only its practitioner.
+        let mut role = store.read("PractitionerRole", "r0").await.unwrap().resource;
+        role["location"] = json!([{"reference": "Location/g"}]);
+        store
+            .update("PractitionerRole", "r0", role, None)
+            .await
+            .unwrap();
+        let report = sync.run_once(false).await.unwrap();
+        assert_eq!(report.updated, 1, "{report:?}");
+        let moved = std::mem::take(&mut *fake.updates.lock().unwrap());
+        assert_eq!(moved, vec!["p0".to_string()]);
+        let quiet = sync.run_once(false).await.unwrap();
+        assert_eq!(quiet.updated, 0, "{quiet:?}");
+        assert!(fake.updates.lock().unwrap().is_empty());
     }
 }

@@ -2,9 +2,11 @@
 //! (`groups.source`). A FHIR Group of `type` person or practitioner with
 //! `actual = true` is linked to its RapidPro group by the identifier
 //! `http://app.rapidpro.io/group-uuid`, which also carries the hash of the
-//! member contact set last synced, so an unchanged group costs no RapidPro
-//! call (FHIR -> RapidPro) and no FHIR write (RapidPro -> FHIR). See
-//! `docs/group-sync.md`. RapidPro is reached through [`GroupDirectory`].
+//! member contact set last synced (and, FHIR -> RapidPro, the group name
+//! last synced), so an unchanged group costs no RapidPro call (FHIR ->
+//! RapidPro) and no FHIR write (RapidPro -> FHIR). A renamed Group renames
+//! its RapidPro group, and the other way round with `source = "rapidpro"`.
+//! See `docs/group-sync.md`. RapidPro is reached through [`GroupDirectory`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -29,6 +31,13 @@ pub const GROUP_UUID_SYSTEM: &str = "http://app.rapidpro.io/group-uuid";
 /// synced.
 pub const MEMBERS_HASH_URL: &str =
     "http://mhero.org/fhir/StructureDefinition/rapidpro-group-members-hash";
+/// Extension on that identifier: the RapidPro group name last synced
+/// (FHIR -> RapidPro), so an unchanged `Group.name` costs no RapidPro call.
+pub const SYNCED_NAME_URL: &str = "http://mhero.org/fhir/StructureDefinition/rapidpro-group-name";
+/// Extension on that identifier: a `Group.name` RapidPro refused (or would
+/// refuse); it is not sent again until `Group.name` changes.
+pub const REFUSED_NAME_URL: &str =
+    "http://mhero.org/fhir/StructureDefinition/rapidpro-group-name-refused";
 /// RapidPro's limit of contacts per `contact_actions` call.
 pub const ACTION_BATCH: usize = 100;
 /// Ids (or identifier values) per FHIR search.
@@ -53,6 +62,9 @@ pub trait GroupDirectory: Send + Sync {
     async fn groups(&self) -> Result<Vec<RemoteGroup>, SyncError>;
     /// Create a manual group.
     async fn create_group(&self, name: &str) -> Result<RemoteGroup, SyncError>;
+    /// Rename a group. A name RapidPro refuses (a duplicate, or one that
+    /// breaks its name rules) is [`SyncError::Refused`].
+    async fn rename_group(&self, group_uuid: &str, name: &str) -> Result<RemoteGroup, SyncError>;
     /// The UUIDs of the group's contacts.
     async fn group_members(&self, group_uuid: &str) -> Result<Vec<String>, SyncError>;
     /// `contact_actions` `add`; at most [`ACTION_BATCH`] contacts.
@@ -101,6 +113,17 @@ enum Outcome {
     Conflict(String),
 }
 
+/// How a rename went (the strings are conflict reports).
+enum Rename {
+    Done(RemoteGroup),
+    /// Another RapidPro group has the name: found in the group list, no
+    /// call made; tried again once the name is free.
+    Clash(String),
+    /// RapidPro refused the name (400), or would (its name rules): not
+    /// sent again until `Group.name` changes.
+    Refused(String),
+}
+
 /// The sync job.
 pub struct GroupSync<'a> {
     pub store: &'a dyn FhirStore,
@@ -144,21 +167,80 @@ pub fn group_link(group: &Value) -> Option<(String, Option<String>)> {
     Some((uuid, hash))
 }
 
-fn link_identifier(uuid: &str, hash: Option<&str>) -> Value {
-    match hash {
-        Some(hash) => json!({ "system": GROUP_UUID_SYSTEM, "value": uuid,
-            "extension": [{ "url": MEMBERS_HASH_URL, "valueString": hash }] }),
-        None => json!({ "system": GROUP_UUID_SYSTEM, "value": uuid }),
+fn link_extension(group: &Value, url: &str) -> Option<String> {
+    group_identifier(group)?
+        .get("extension")?
+        .as_array()?
+        .iter()
+        .find(|x| x.get("url").and_then(Value::as_str) == Some(url))?
+        .get("valueString")?
+        .as_str()
+        .map(str::to_string)
+}
+
+/// The RapidPro group name last synced, recorded on the link.
+pub fn synced_name(group: &Value) -> Option<String> {
+    link_extension(group, SYNCED_NAME_URL)
+}
+
+/// The `Group.name` RapidPro refused last, recorded on the link.
+pub fn refused_name(group: &Value) -> Option<String> {
+    link_extension(group, REFUSED_NAME_URL)
+}
+
+/// The names recorded on a link: the RapidPro group's, and a refused one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkNames<'a> {
+    pub synced: Option<&'a str>,
+    pub refused: Option<&'a str>,
+}
+
+fn link_identifier(uuid: &str, hash: Option<&str>, names: LinkNames<'_>) -> Value {
+    let mut extension = Vec::new();
+    if let Some(hash) = hash {
+        extension.push(json!({ "url": MEMBERS_HASH_URL, "valueString": hash }));
+    }
+    if let Some(name) = names.synced {
+        extension.push(json!({ "url": SYNCED_NAME_URL, "valueString": name }));
+    }
+    if let Some(name) = names.refused {
+        extension.push(json!({ "url": REFUSED_NAME_URL, "valueString": name }));
+    }
+    if extension.is_empty() {
+        json!({ "system": GROUP_UUID_SYSTEM, "value": uuid })
+    } else {
+        json!({ "system": GROUP_UUID_SYSTEM, "value": uuid, "extension": extension })
     }
 }
 
 /// `group` with its group-uuid identifier saying `uuid` (and `hash`);
-/// `None` if it already does. Nothing else changes.
+/// `None` if it already does. The recorded names stay while the UUID does.
+/// Nothing else changes.
 pub fn with_group_link(group: &Value, uuid: &str, hash: Option<&str>) -> Option<Value> {
-    if group_link(group) == Some((uuid.to_string(), hash.map(str::to_string))) {
+    let same = group_link(group).is_some_and(|(linked, _)| linked == uuid);
+    let synced = same.then(|| synced_name(group)).flatten();
+    let refused = same.then(|| refused_name(group)).flatten();
+    let names = LinkNames {
+        synced: synced.as_deref(),
+        refused: refused.as_deref(),
+    };
+    with_named_link(group, uuid, hash, names)
+}
+
+/// [`with_group_link`] that records `names` instead of keeping them.
+pub fn with_named_link(
+    group: &Value,
+    uuid: &str,
+    hash: Option<&str>,
+    names: LinkNames<'_>,
+) -> Option<Value> {
+    if group_link(group) == Some((uuid.to_string(), hash.map(str::to_string)))
+        && synced_name(group).as_deref() == names.synced
+        && refused_name(group).as_deref() == names.refused
+    {
         return None;
     }
-    let identifier = link_identifier(uuid, hash);
+    let identifier = link_identifier(uuid, hash, names);
     let mut updated = group.clone();
     let object = updated.as_object_mut()?;
     match object.get_mut("identifier") {
@@ -228,6 +310,26 @@ fn period_ended(member: &Value, now: DateTime<Utc>) -> bool {
     date.is_some_and(|d| d < now.date_naive())
 }
 
+/// Why RapidPro would refuse `name` for a group (reference §5.3: at most
+/// 64 characters, no `"`, `\` or NUL; the name is already trimmed).
+fn name_problem(name: &str) -> Option<String> {
+    if name.chars().count() > 64 {
+        return Some("RapidPro group names have at most 64 characters".into());
+    }
+    name.chars()
+        .find(|c| ['"', '\\', '\0'].contains(c))
+        .map(|c| format!("RapidPro group names cannot contain {c:?}"))
+}
+
+/// `Group.name`, trimmed; `None` when missing or blank.
+fn group_name(group: &Value) -> Option<&str> {
+    group
+        .get("name")
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+}
+
 /// Whether a `member` entry makes its entity a current member.
 fn is_current(member: &Value, now: DateTime<Utc>) -> bool {
     member.get("inactive").and_then(Value::as_bool) != Some(true) && !period_ended(member, now)
@@ -283,7 +385,7 @@ fn messageable(person: &Value) -> bool {
 }
 
 /// Every match of a search, following pages.
-async fn search_all(
+pub(super) async fn search_all(
     store: &dyn FhirStore,
     resource_type: &str,
     params: Vec<(String, String)>,
@@ -308,7 +410,7 @@ async fn search_all(
 }
 
 /// Escape a search value for a comma-separated OR list.
-fn escape(value: &str) -> String {
+pub(super) fn escape(value: &str) -> String {
     value.replace('\\', "\\\\").replace(',', "\\,")
 }
 
@@ -499,7 +601,21 @@ impl GroupSync<'_> {
         report.not_messageable += wanted.not_messageable;
         let hash = members_hash(&wanted.contacts);
         let link = group_link(resource);
+        let name = group_name(resource);
+        // A name RapidPro refused is not sent again until it changes (a
+        // reconcile pass tries it again); it stays reported.
+        let mut refused = refused_name(resource).filter(|r| !full && Some(r.as_str()) == name);
+        if let Some(refused) = &refused {
+            report.conflicts.push(format!(
+                "{}: RapidPro refused the name \"{refused}\" for its group; change Group.name",
+                group.reference()
+            ));
+        }
+        // A name equal to the one last synced needs no RapidPro call.
+        let renamed =
+            name.is_some() && synced_name(resource).as_deref() != name && refused.is_none();
         if !full
+            && !renamed
             && let Some((_, Some(recorded))) = &link
             && *recorded == hash
         {
@@ -510,15 +626,10 @@ impl GroupSync<'_> {
             .as_ref()
             .and_then(|(uuid, _)| groups.iter().find(|g| &g.uuid == uuid))
             .cloned();
-        let (target, created) = match linked {
+        let (mut target, created) = match linked {
             Some(found) => (found, false),
             None => {
-                let Some(name) = resource
-                    .get("name")
-                    .and_then(Value::as_str)
-                    .map(str::trim)
-                    .filter(|n| !n.is_empty())
-                else {
+                let Some(name) = name else {
                     return Ok(Outcome::Conflict(format!(
                         "{}: has no name, so no RapidPro group can be made for it",
                         group.reference()
@@ -539,7 +650,11 @@ impl GroupSync<'_> {
                 groups.push(made.clone());
                 // Link at once, so that a failure below cannot orphan the group.
                 modify_resource(self.store, "Group", &group.id, |current| {
-                    with_group_link(current, &made.uuid, None)
+                    let names = LinkNames {
+                        synced: Some(&made.name),
+                        refused: None,
+                    };
+                    with_named_link(current, &made.uuid, None, names)
                 })
                 .await?;
                 (made, true)
@@ -553,6 +668,28 @@ impl GroupSync<'_> {
                 target.uuid
             )));
         }
+        let mut renamed_remote = false;
+        if let Some(name) = name
+            && target.name != name
+            && refused.is_none()
+        {
+            // A refused name is reported; the members are synced all the same.
+            match self.rename(groups, &target, name).await? {
+                Rename::Done(renamed) => {
+                    target = renamed;
+                    renamed_remote = true;
+                }
+                Rename::Clash(conflict) => report
+                    .conflicts
+                    .push(format!("{}: {conflict}", group.reference())),
+                Rename::Refused(conflict) => {
+                    report
+                        .conflicts
+                        .push(format!("{}: {conflict}", group.reference()));
+                    refused = Some(name.to_string());
+                }
+            }
+        }
         let current: BTreeSet<String> = if created {
             BTreeSet::new()
         } else {
@@ -564,7 +701,11 @@ impl GroupSync<'_> {
         };
         let changed = self.apply(&target.uuid, &current, &wanted.contacts).await?;
         let relinked = modify_resource(self.store, "Group", &group.id, |current| {
-            with_group_link(current, &target.uuid, Some(&hash))
+            let names = LinkNames {
+                synced: Some(&target.name),
+                refused: refused.as_deref(),
+            };
+            with_named_link(current, &target.uuid, Some(&hash), names)
         })
         .await?
         .is_some();
@@ -575,11 +716,52 @@ impl GroupSync<'_> {
             Outcome::Created
         } else if emptied {
             Outcome::Emptied
-        } else if changed || (relinked && link.is_none_or(|(uuid, _)| uuid != target.uuid)) {
+        } else if changed
+            || renamed_remote
+            || (relinked && link.is_none_or(|(uuid, _)| uuid != target.uuid))
+        {
             Outcome::Updated
         } else {
             Outcome::Unchanged
         })
+    }
+
+    /// Rename the RapidPro group `target` to `name`; `groups` is kept up
+    /// to date.
+    async fn rename(
+        &self,
+        groups: &mut [RemoteGroup],
+        target: &RemoteGroup,
+        name: &str,
+    ) -> Result<Rename, SyncError> {
+        if let Some(problem) = name_problem(name) {
+            return Ok(Rename::Refused(format!(
+                "RapidPro group \"{}\" ({}) cannot be renamed to \"{name}\": {problem}",
+                target.name, target.uuid
+            )));
+        }
+        if let Some(clash) = groups
+            .iter()
+            .find(|g| g.uuid != target.uuid && g.name.to_lowercase() == name.to_lowercase())
+        {
+            return Ok(Rename::Clash(format!(
+                "RapidPro group \"{}\" ({}) cannot be renamed to \"{name}\": RapidPro already has a group of that name ({})",
+                target.name, target.uuid, clash.uuid
+            )));
+        }
+        match self.directory.rename_group(&target.uuid, name).await {
+            Ok(renamed) => {
+                if let Some(listed) = groups.iter_mut().find(|g| g.uuid == renamed.uuid) {
+                    *listed = renamed.clone();
+                }
+                Ok(Rename::Done(renamed))
+            }
+            Err(SyncError::Refused(why)) => Ok(Rename::Refused(format!(
+                "RapidPro refused to rename group \"{}\" ({}) to \"{name}\": {why}",
+                target.name, target.uuid
+            ))),
+            Err(e) => Err(e),
+        }
     }
 
     /// Make the RapidPro group's members `wanted` (it has `current`).
@@ -795,6 +977,7 @@ impl GroupSync<'_> {
                 .and_then(|(_, h)| h)
                 .as_deref()
                 == Some(&hash)
+            && existing.resource.get("name").and_then(Value::as_str) == Some(remote.name.as_str())
         {
             return Ok(Outcome::Unchanged);
         }
@@ -816,7 +999,7 @@ impl GroupSync<'_> {
                     "type": if all_practitioners { "practitioner" } else { "person" },
                     "actual": true,
                     "name": remote.name,
-                    "identifier": [link_identifier(&remote.uuid, None)],
+                    "identifier": [link_identifier(&remote.uuid, None, LinkNames::default())],
                 });
                 let query = format!("identifier={GROUP_UUID_SYSTEM}|{}", remote.uuid);
                 let outcome = self.store.create(group, Some(&query)).await?;
@@ -838,7 +1021,13 @@ impl GroupSync<'_> {
             })
             .collect();
         let written = modify_resource(self.store, "Group", &id, |group| {
-            with_members(group, &keep, &wanted, &remote.uuid, &hash)
+            let members = with_members(group, &keep, &wanted, &remote.uuid, &hash);
+            // Renamed in RapidPro: the FHIR Group follows.
+            let named = members.as_ref().unwrap_or(group);
+            match with_name(named, &remote.name) {
+                Some(renamed) => Some(renamed),
+                None => members,
+            }
         })
         .await?;
         Ok(if created {
@@ -915,6 +1104,16 @@ fn with_members(
     Some(updated)
 }
 
+/// `group` with `name`; `None` if it has it already.
+fn with_name(group: &Value, name: &str) -> Option<Value> {
+    if group.get("name").and_then(Value::as_str) == Some(name) {
+        return None;
+    }
+    let mut renamed = group.clone();
+    renamed.as_object_mut()?.insert("name".into(), json!(name));
+    Some(renamed)
+}
+
 fn count(report: &mut GroupSyncReport, outcome: Outcome) {
     match outcome {
         Outcome::Created => report.created += 1,
@@ -928,6 +1127,7 @@ fn count(report: &mut GroupSyncReport, outcome: Outcome) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jobs::test_support::Counting;
 
     fn at(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
@@ -993,6 +1193,42 @@ mod tests {
     }
 
     #[test]
+    fn the_synced_name_rides_on_the_link() {
+        let group = json!({"resourceType": "Group", "name": "N"});
+        let names = LinkNames {
+            synced: Some("N"),
+            refused: Some("X\\Y"),
+        };
+        let named = with_named_link(&group, "g-1", None, names).unwrap();
+        assert_eq!(synced_name(&named).as_deref(), Some("N"));
+        assert_eq!(refused_name(&named).as_deref(), Some("X\\Y"));
+        assert!(with_named_link(&named, "g-1", None, names).is_none());
+        // A new hash keeps the name; another RapidPro group drops it.
+        let hashed = with_group_link(&named, "g-1", Some("h")).unwrap();
+        assert_eq!(synced_name(&hashed).as_deref(), Some("N"));
+        assert_eq!(refused_name(&hashed).as_deref(), Some("X\\Y"));
+        assert_eq!(
+            group_link(&hashed),
+            Some(("g-1".to_string(), Some("h".to_string())))
+        );
+        let moved = with_group_link(&hashed, "g-2", Some("h")).unwrap();
+        assert_eq!(synced_name(&moved), None);
+        assert_eq!(refused_name(&moved), None);
+        assert_eq!(with_name(&moved, "M").unwrap()["name"], "M");
+        assert!(with_name(&moved, "N").is_none());
+    }
+
+    #[test]
+    fn names_rapidpro_would_refuse_are_caught_before_sending() {
+        assert_eq!(name_problem("Nurses, Bong County"), None);
+        assert_eq!(name_problem(&"é".repeat(64)), None);
+        assert!(name_problem(&"x".repeat(65)).is_some());
+        assert!(name_problem("The \"A\" team").is_some());
+        assert!(name_problem("a\\b").is_some());
+        assert!(name_problem("a\0b").is_some());
+    }
+
+    #[test]
     fn the_hash_depends_on_the_set_only() {
         let a: BTreeSet<String> = ["u2", "u1"].map(String::from).into();
         let b: BTreeSet<String> = ["u1", "u2"].map(String::from).into();
@@ -1039,12 +1275,15 @@ mod tests {
         );
     }
 
-    /// RapidPro in memory; `add` fails while `fail_adds` is set.
+    /// RapidPro in memory; `add` fails while `fail_adds` is set, and a
+    /// rename is refused (as RapidPro's 400) while `refuse_renames` is.
     #[derive(Default)]
     struct Fake {
         groups: std::sync::Mutex<Vec<RemoteGroup>>,
         members: std::sync::Mutex<HashMap<String, BTreeSet<String>>>,
         fail_adds: std::sync::atomic::AtomicBool,
+        refuse_renames: std::sync::atomic::AtomicBool,
+        renames: std::sync::atomic::AtomicUsize,
     }
 
     #[async_trait]
@@ -1062,6 +1301,29 @@ mod tests {
             };
             groups.push(group.clone());
             Ok(group)
+        }
+        async fn rename_group(
+            &self,
+            group_uuid: &str,
+            name: &str,
+        ) -> Result<RemoteGroup, SyncError> {
+            self.renames
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if self
+                .refuse_renames
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                return Err(SyncError::Refused(
+                    "name: This field must be unique.".into(),
+                ));
+            }
+            let mut groups = self.groups.lock().unwrap();
+            let group = groups
+                .iter_mut()
+                .find(|g| g.uuid == group_uuid)
+                .ok_or_else(|| SyncError::RapidPro("404".into()))?;
+            group.name = name.to_string();
+            Ok(group.clone())
         }
         async fn group_members(&self, group_uuid: &str) -> Result<Vec<String>, SyncError> {
             let members = self.members.lock().unwrap();
@@ -1101,6 +1363,77 @@ mod tests {
             }
             Ok(())
         }
+    }
+
+    #[tokio::test]
+    async fn a_rename_rapidpro_refuses_is_a_conflict_and_members_still_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::sqlite::SqliteStore::open(&dir.path().join("fhir.sqlite"))
+            .await
+            .unwrap();
+        for id in ["a", "b"] {
+            let person = json!({"resourceType": "Practitioner", "id": id,
+                "identifier": [{"system": CONTACT_UUID_SYSTEM, "value": format!("c-{id}")}]});
+            store
+                .update("Practitioner", id, person, None)
+                .await
+                .unwrap();
+        }
+        let group = json!({"resourceType": "Group", "id": "g", "type": "practitioner", "actual": true, "name": "Team",
+            "member": [{"entity": {"reference": "Practitioner/a"}}]});
+        store.update("Group", "g", group, None).await.unwrap();
+        let fake = Fake::default();
+        let sync = GroupSync {
+            store: &store,
+            directory: &fake,
+            source: GroupsSource::Fhir,
+        };
+        assert_eq!(sync.run_once().await.unwrap().created, 1);
+        let mut group = store.read("Group", "g").await.unwrap().resource;
+        group["name"] = json!("Team B");
+        group["member"] = json!([{"entity": {"reference": "Practitioner/a"}}, {"entity": {"reference": "Practitioner/b"}}]);
+        store.update("Group", "g", group, None).await.unwrap();
+        fake.refuse_renames
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let refused = sync.run_once().await.unwrap();
+        assert!(refused.failures.is_empty(), "{refused:?}");
+        assert_eq!(refused.conflicts.len(), 1, "{refused:?}");
+        assert!(
+            refused.conflicts[0].contains("refused") && refused.conflicts[0].contains("unique"),
+            "{refused:?}"
+        );
+        assert_eq!(refused.updated, 1, "members synced: {refused:?}");
+        assert_eq!(fake.members.lock().unwrap()["g-0"].len(), 2);
+        assert_eq!(fake.groups.lock().unwrap()[0].name, "Team");
+        let stored = store.read("Group", "g").await.unwrap().resource;
+        assert_eq!(synced_name(&stored).as_deref(), Some("Team"));
+        assert_eq!(refused_name(&stored).as_deref(), Some("Team B"));
+        // Still reported, but not sent again while the name is the same.
+        fake.refuse_renames
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let again = sync.run_once().await.unwrap();
+        assert_eq!(
+            (again.unchanged, again.conflicts.len()),
+            (1, 1),
+            "{again:?}"
+        );
+        assert_eq!(fake.renames.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Another name: sent, accepted, the refusal forgotten.
+        let mut group = store.read("Group", "g").await.unwrap().resource;
+        group["name"] = json!("Team C");
+        store.update("Group", "g", group, None).await.unwrap();
+        let renamed = sync.run_once().await.unwrap();
+        assert_eq!(
+            (renamed.updated, renamed.conflicts.len()),
+            (1, 0),
+            "{renamed:?}"
+        );
+        assert_eq!(fake.groups.lock().unwrap()[0].name, "Team C");
+        assert_eq!(fake.renames.load(std::sync::atomic::Ordering::SeqCst), 2);
+        let stored = store.read("Group", "g").await.unwrap().resource;
+        assert_eq!(refused_name(&stored), None);
+        assert_eq!(sync.run_once().await.unwrap().unchanged, 1);
+        assert_eq!(fake.renames.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
@@ -1175,103 +1508,14 @@ mod tests {
         assert_eq!(fake.members.lock().unwrap()["g-0"].len(), 2);
     }
 
-    /// Counts the reads and searches that reach the store.
-    struct Counting {
-        inner: crate::store::sqlite::SqliteStore,
-        reads: std::sync::atomic::AtomicUsize,
-        searches: std::sync::atomic::AtomicUsize,
-    }
-
-    #[async_trait]
-    impl FhirStore for Counting {
-        fn backend_name(&self) -> &'static str {
-            "counting"
-        }
-        async fn create(
-            &self,
-            resource: Value,
-            if_none_exist: Option<&str>,
-        ) -> crate::store::StoreResult<crate::store::WriteOutcome> {
-            self.inner.create(resource, if_none_exist).await
-        }
-        async fn update(
-            &self,
-            resource_type: &str,
-            id: &str,
-            resource: Value,
-            if_match: Option<&str>,
-        ) -> crate::store::StoreResult<crate::store::WriteOutcome> {
-            self.inner
-                .update(resource_type, id, resource, if_match)
-                .await
-        }
-        async fn conditional_update(
-            &self,
-            resource_type: &str,
-            query: &str,
-            resource: Value,
-            if_match: Option<&str>,
-        ) -> crate::store::StoreResult<crate::store::WriteOutcome> {
-            self.inner
-                .conditional_update(resource_type, query, resource, if_match)
-                .await
-        }
-        async fn read(
-            &self,
-            resource_type: &str,
-            id: &str,
-        ) -> crate::store::StoreResult<StoredResource> {
-            self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            self.inner.read(resource_type, id).await
-        }
-        async fn vread(
-            &self,
-            resource_type: &str,
-            id: &str,
-            version_id: &str,
-        ) -> crate::store::StoreResult<StoredResource> {
-            self.inner.vread(resource_type, id, version_id).await
-        }
-        async fn delete(
-            &self,
-            resource_type: &str,
-            id: &str,
-            if_match: Option<&str>,
-        ) -> crate::store::StoreResult<Option<String>> {
-            self.inner.delete(resource_type, id, if_match).await
-        }
-        async fn search(
-            &self,
-            request: SearchRequest,
-        ) -> crate::store::StoreResult<crate::store::SearchPage> {
-            self.searches
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            self.inner.search(request).await
-        }
-        async fn history(
-            &self,
-            request: HistoryRequest,
-        ) -> crate::store::StoreResult<crate::store::HistoryPage> {
-            self.inner.history(request).await
-        }
-        async fn process_bundle(&self, bundle: Value) -> crate::store::StoreResult<Value> {
-            self.inner.process_bundle(bundle).await
-        }
-        async fn check(&self) -> crate::store::StoreResult<crate::store::BackendStatus> {
-            self.inner.check().await
-        }
-    }
-
     #[tokio::test]
     async fn members_are_read_in_bulk() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Counting {
-            inner: crate::store::sqlite::SqliteStore::open(&dir.path().join("fhir.sqlite"))
+        let store = Counting::over(
+            crate::store::sqlite::SqliteStore::open(&dir.path().join("fhir.sqlite"))
                 .await
                 .unwrap(),
-            reads: Default::default(),
-            searches: Default::default(),
-        };
+        );
         let mut members = Vec::new();
         for n in 0..250 {
             let (resource_type, id) = if n % 5 == 0 {

@@ -15,3 +15,5 @@ pub mod group_sync;
 pub mod rapidpro_directory;
 pub mod runner;
 pub mod sync_status;
+#[cfg(test)]
+mod test_support;

@@ -225,6 +225,16 @@ impl GroupDirectory for RapidProDirectory {
             .map_err(rapidpro_error)
     }
 
+    async fn rename_group(&self, group_uuid: &str, name: &str) -> Result<RemoteGroup, SyncError> {
+        match self.client.update_group(group_uuid, name).await {
+            Ok(group) => Ok(remote_group(group)),
+            Err(RapidProError::Invalid(errors)) => Err(SyncError::Refused(
+                crate::telemetry::redact_phones(&errors.to_string()),
+            )),
+            Err(e) => Err(rapidpro_error(e)),
+        }
+    }
+
     async fn group_members(&self, group_uuid: &str) -> Result<Vec<String>, SyncError> {
         let query = ContactQuery {
             group: Some(group_uuid.to_string()),

@@ -18,7 +18,7 @@
 //!   [`RapidProError::Throttled`] instead.
 //! * **Connection errors and 5xx** are retried with exponential backoff and
 //!   jitter only for requests that can be repeated safely: GETs, updates by
-//!   `?uuid=`/`?urn=` (repeating one leaves the same state; `?urn=` upserts
+//!   `?uuid=`/`?urn=` (contacts, and group renames; repeating one leaves the same state; `?urn=` upserts
 //!   find the contact created by the first attempt), DELETEs (a 404 on a
 //!   repeat after a 5xx or a lost answer means the first attempt deleted
 //!   it, and counts as success),
@@ -741,6 +741,23 @@ impl RapidProClient {
             },
         )
         .await
+    }
+
+    /// Rename the group `uuid` (200). Retried like other updates by
+    /// `?uuid=`: repeating a rename leaves the same state. A name RapidPro
+    /// refuses (a duplicate, case-insensitively, or one breaking its name
+    /// rules) is [`RapidProError::Invalid`]; a system group is
+    /// [`RapidProError::Forbidden`] and a missing one
+    /// [`RapidProError::NotFound`].
+    pub async fn update_group(&self, uuid: &str, name: &str) -> RapidProResult<Group> {
+        let url = self.endpoint("groups", &[("uuid", uuid.to_string())])?;
+        let body = GroupWrite {
+            name: name.to_string(),
+        };
+        let reply = self
+            .write(Method::POST, url, Scope::V2, Some(&body), Repeat::Safe)
+            .await?;
+        decode(&reply)
     }
 
     /// Delete a group by UUID (204).
