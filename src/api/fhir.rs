@@ -22,35 +22,42 @@ use crate::store::{
 };
 
 pub fn routes(state: AppState) -> Router {
+    routes_at(state, "/fhir")
+}
+
+/// The FHIR REST routes mounted at `prefix` (`/fhir`, and `/emNutt/fhir`
+/// for emNutt's clients). Links in answers always use the `/fhir` base.
+pub fn routes_at(state: AppState, prefix: &str) -> Router {
+    let at = |path: &str| format!("{prefix}{path}");
     let protected = Router::new()
-        .route("/fhir", post(transaction_or_batch))
-        .route("/fhir/", post(transaction_or_batch))
-        .route("/fhir/_history", get(system_history))
+        .route(&at(""), post(transaction_or_batch))
+        .route(&at("/"), post(transaction_or_batch))
+        .route(&at("/_history"), get(system_history))
         .route(
-            "/fhir/{resource_type}",
+            &at("/{resource_type}"),
             get(search_type).post(create).put(conditional_update),
         )
-        .route("/fhir/{resource_type}/_search", post(search_post))
-        .route("/fhir/{resource_type}/_history", get(type_history))
+        .route(&at("/{resource_type}/_search"), post(search_post))
+        .route(&at("/{resource_type}/_history"), get(type_history))
         .route(
-            "/fhir/{resource_type}/{id}",
+            &at("/{resource_type}/{id}"),
             get(read).put(update).delete(delete),
         )
-        .route("/fhir/{resource_type}/{id}/_history", get(instance_history))
+        .route(&at("/{resource_type}/{id}/_history"), get(instance_history))
         .route(
-            "/fhir/{resource_type}/{id}/_history/{version_id}",
+            &at("/{resource_type}/{id}/_history/{version_id}"),
             get(vread),
         )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
-            nudge_contact_sync,
+            nudge_jobs,
         ))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             super::auth::require_api_key,
         ));
     Router::new()
-        .route("/fhir/metadata", get(metadata))
+        .route(&at("/metadata"), get(metadata))
         .merge(protected)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -59,7 +66,7 @@ pub fn routes(state: AppState) -> Router {
 /// A successful write of a person (or a Bundle, which may hold people)
 /// starts a contact sync pass now instead of at the next interval; a
 /// CommunicationRequest (or a Bundle) starts a dispatcher pass.
-async fn nudge_contact_sync(
+async fn nudge_jobs(
     State(state): State<AppState>,
     request: axum::extract::Request,
     next: middleware::Next,
@@ -68,10 +75,11 @@ async fn nudge_contact_sync(
         *request.method(),
         axum::http::Method::POST | axum::http::Method::PUT | axum::http::Method::DELETE
     );
-    let segment = request
-        .uri()
-        .path()
-        .trim_start_matches("/fhir")
+    let path = request.uri().path();
+    let segment = path
+        .strip_prefix("/emNutt/fhir")
+        .or_else(|| path.strip_prefix("/fhir"))
+        .unwrap_or(path)
         .trim_start_matches('/')
         .split('/')
         .next()
@@ -170,7 +178,7 @@ fn lenient(headers: &HeaderMap) -> bool {
     header_str(headers, "prefer").is_some_and(|p| p.replace(' ', "").contains("handling=lenient"))
 }
 
-fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
+pub(crate) fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
     query
         .map(|q| {
             url::form_urlencoded::parse(q.as_bytes())
@@ -387,7 +395,7 @@ async fn delete(
     Ok(response)
 }
 
-async fn run_search(
+pub(crate) async fn run_search(
     state: &AppState,
     resource_type: String,
     mut params: Vec<(String, String)>,

@@ -4,6 +4,7 @@
 //! through `error.rs`.
 
 pub mod auth;
+pub mod emnutt;
 pub mod fhir;
 pub mod health;
 pub mod metrics;
@@ -43,11 +44,14 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub fn router(state: AppState) -> Router {
     let max_body = state.settings.server.max_body_bytes;
     let fhir = fhir::routes(state.clone())
+        .merge(fhir::routes_at(state.clone(), "/emNutt/fhir"))
         .layer(middleware::from_fn(negotiation::check_media_types))
         .layer(DefaultBodyLimit::max(max_body));
+    let emnutt = emnutt::routes(state.clone()).layer(DefaultBodyLimit::max(max_body));
     let ops = health::routes(state.clone());
     Router::new()
         .merge(fhir)
+        .merge(emnutt)
         .merge(ops)
         .fallback(fhir::unknown_route)
         .layer(middleware::from_fn(crate::error::outcome_for_every_error))
