@@ -324,11 +324,12 @@ async fn entry(
         status: reply.status.as_u16(),
         time: format_dt(&time),
     });
-    let deliver = !inner.pending_webhooks.is_empty();
+    // With auto_process, flows run as requests arrive; webhooks they reach
+    // are sent in the background, as mailroom would, without holding up
+    // this answer. Otherwise they wait for `deliver_pending_webhooks`.
+    let deliver = inner.auto_process && !inner.pending_webhooks.is_empty();
     drop(inner);
     if deliver {
-        // auto_process ran flows that reached webhooks: send them without
-        // holding up this answer.
         let sandbox = sandbox.clone();
         tokio::spawn(async move {
             sandbox.deliver_pending_webhooks().await;

@@ -292,18 +292,29 @@ pub async fn send(
     let Ok(method) = reqwest::Method::from_bytes(method.as_bytes()) else {
         return failed(format!("unsupported method {method:?}"));
     };
-    let mut request = client
-        .request(method, url)
-        .header("Accept", "application/json")
-        .header("User-Agent", "Mailroom/26.3")
-        .header("X-Mailroom-Mode", "normal");
-    if let Some(body) = body {
-        request = request
-            .header("Content-Type", "application/json")
-            .body(body.to_string());
+    use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+    let mut map = HeaderMap::new();
+    let mut set = |name: &str, value: &str| {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            // The flow's headers replace the defaults of the same name.
+            map.insert(n, v);
+        }
+    };
+    set("Accept", "application/json");
+    if body.is_some() {
+        set("Content-Type", "application/json");
     }
     for (name, value) in headers.iter().take(10) {
-        request = request.header(name.as_str(), value.as_str());
+        set(name, value);
+    }
+    set("User-Agent", "Mailroom/26.3");
+    set("X-Mailroom-Mode", "normal");
+    let mut request = client.request(method, url).headers(map);
+    if let Some(body) = body {
+        request = request.body(body.to_string());
     }
     match request.send().await {
         Ok(r) => {
