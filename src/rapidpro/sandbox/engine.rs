@@ -139,7 +139,7 @@ pub fn resume_on_message(inner: &mut Inner, contact: u64, text: &str) -> Option<
     run.input = Some(text.to_string());
     run.modified_on = now;
     let flow = run.flow.clone();
-    walk(inner, ri, Step::Route(node, true));
+    walk(inner, ri, Step::Route(node));
     Some(flow)
 }
 
@@ -201,8 +201,8 @@ pub fn interrupt_contact(inner: &mut Inner, contact: u64) -> usize {
 enum Step {
     /// Enter a node and run its actions from this index (0 = a fresh arrival).
     Enter(String, usize),
-    /// Evaluate a node's router; true when resuming its message wait.
-    Route(String, bool),
+    /// Evaluate a node's router (after its wait, if any).
+    Route(String),
 }
 
 fn walk(inner: &mut Inner, ri: usize, first: Step) {
@@ -253,7 +253,7 @@ fn walk(inner: &mut Inner, ri: usize, first: Step) {
                             (minutes > 0).then(|| now + chrono::Duration::minutes(minutes));
                         return;
                     }
-                    Step::Route(node_uuid, false)
+                    Step::Route(node_uuid)
                 } else {
                     match destination(&node, node["exits"][0]["uuid"].as_str()) {
                         Some(next) => Step::Enter(next, 0),
@@ -261,7 +261,7 @@ fn walk(inner: &mut Inner, ri: usize, first: Step) {
                     }
                 }
             }
-            Step::Route(node_uuid, _resumed) => {
+            Step::Route(node_uuid) => {
                 let Some(node) = find_node(&def, &node_uuid) else {
                     return end_run(inner, ri, "completed");
                 };
@@ -406,11 +406,7 @@ fn execute(inner: &mut Inner, ri: usize, def: &Value, node: &str, action: &Value
             queue_webhook(inner, ri, action);
             return Flow::Pause;
         }
-        "call_resthook" => {
-            if queue_resthook(inner, ri, action) {
-                return Flow::Pause;
-            }
-        }
+        "call_resthook" if queue_resthook(inner, ri, action) => return Flow::Pause,
         // Sub-flows are not run by the sandbox: the parent run completes.
         "enter_flow" => return Flow::End,
         _ => {}
@@ -757,9 +753,9 @@ fn find_phone(text: &str, country: Option<&str>) -> Option<String> {
     let mut candidates: Vec<String> = Vec::new();
     let mut current = String::new();
     for c in text.chars().chain(std::iter::once('\n')) {
-        if c.is_ascii_digit() || (c == '+' && current.trim().is_empty()) {
-            current.push(c);
-        } else if !current.is_empty() && matches!(c, ' ' | '-' | '(' | ')' | '.') {
+        let starts_or_continues = c.is_ascii_digit() || (c == '+' && current.trim().is_empty());
+        let separator = !current.is_empty() && matches!(c, ' ' | '-' | '(' | ')' | '.');
+        if starts_or_continues || separator {
             current.push(c);
         } else {
             if current.chars().filter(char::is_ascii_digit).count() >= 6 {
