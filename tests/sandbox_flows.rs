@@ -128,7 +128,8 @@ fn color_export() -> Value {
 
 fn survey_export() -> Value {
     let text = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flows/stock_survey_v13.json"),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/flows/stock_survey_v13.json"),
     )
     .expect("survey fixture");
     serde_json::from_str(&text).expect("JSON")
