@@ -1324,7 +1324,7 @@ async fn an_inbound_message_reactivates_a_stopped_contact() {
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(
         response.json::<Value>().await.unwrap(),
-        json!({"contact": uuid})
+        json!({"contact": uuid, "webhooks": 0})
     );
     let (_, list) = sb.get(&format!("contacts.json?uuid={uuid}")).await;
     assert_eq!(list["results"][0]["status"], "active");
@@ -1754,7 +1754,7 @@ async fn a_single_message_is_queued_then_sent_by_a_tick() {
         .unwrap();
     assert_eq!(
         tick,
-        json!({"broadcasts": 0, "flow_starts": 0, "messages": 1})
+        json!({"broadcasts": 0, "flow_starts": 0, "messages": 1, "expired_runs": 0, "webhooks": 0})
     );
     let (_, sent) = sb.get("messages.json?folder=sent").await;
     assert_eq!(sent["results"][0]["uuid"], m["uuid"]);
@@ -1935,7 +1935,8 @@ async fn auto_process_expand_urns_and_archives() {
         mhero::rapidpro::sandbox::TickReport {
             broadcasts: 0,
             flow_starts: 0,
-            messages: 0
+            messages: 0,
+            expired_runs: 0
         }
     );
 

@@ -3,7 +3,7 @@
 //! RapidPro's mailroom does asynchronously ([`process_pending`]: one message
 //! per recipient, auto-created contacts for unknown URNs, active-only groups,
 //! failed messages for non-active or unroutable contacts), inbound messages
-//! ([`receive`]), `GET /api/v2/messages.json` and the single-message
+//! ([`receive`], which resumes a waiting run), `GET /api/v2/messages.json` and the single-message
 //! `POST /api/v2/messages.json` (§5.8; `queued` until processed, then `sent`).
 
 use axum::http::StatusCode;
@@ -45,6 +45,9 @@ pub struct Message {
     pub status: &'static str,
     pub text: String,
     pub broadcast: Option<u64>,
+    /// The flow UUID of an outgoing flow message or of an inbound message
+    /// a run consumed.
+    pub flow: Option<String>,
     pub created_on: DateTime<Utc>,
     pub modified_on: DateTime<Utc>,
     pub sent_on: Option<DateTime<Utc>>,
@@ -462,6 +465,7 @@ pub fn process_pending(inner: &mut Inner) -> usize {
                 status,
                 text,
                 broadcast: Some(b.id),
+                flow: None,
                 created_on: now,
                 modified_on: now,
                 sent_on: (status == "sent").then_some(now),
@@ -479,7 +483,9 @@ pub fn process_pending(inner: &mut Inner) -> usize {
 
 /// An inbound message from `urn` (the contact is created when unknown).
 /// A stopped contact becomes active again, as in mailroom; a blocked
-/// contact's message is ignored (not stored). Returns the contact UUID.
+/// contact's message is ignored (not stored). A run of the contact waiting
+/// for a message consumes it (the message gets the run's `flow`) and goes
+/// on. Returns the contact UUID.
 pub fn receive(inner: &mut Inner, urn: &str, text: &str) -> Result<String, String> {
     let urn = normalize_urn(urn, inner.settings.workspace.country.as_deref())?;
     let i = match inner.contact_by_urn(&urn) {
@@ -507,11 +513,16 @@ pub fn receive(inner: &mut Inner, urn: &str, text: &str) -> Result<String, Strin
         status: "handled",
         text: text.to_string(),
         broadcast: None,
+        flow: None,
         created_on: now,
         modified_on: now,
         sent_on: None,
     };
     inner.messages.push(message);
+    let mi = inner.messages.len() - 1;
+    if let Some(flow) = super::engine::resume_on_message(inner, contact, text) {
+        inner.messages[mi].flow = Some(flow);
+    }
     Ok(uuid)
 }
 
@@ -538,7 +549,7 @@ pub fn message_json(inner: &Inner, m: &Message) -> Value {
         "visibility": "visible",
         "text": m.text,
         "labels": [],
-        "flow": null,
+        "flow": m.flow.as_deref().map_or(Value::Null, |f| super::runs::flow_ref(inner, f)),
         "attachments": [],
         "quick_replies": [],
         "created_on": format_dt(&m.created_on),
@@ -553,8 +564,9 @@ const SANDBOX_CHANNEL: &str = "9a8b001e-a913-486c-80f4-1356e23f582e";
 
 fn in_folder(m: &Message, folder: &str) -> bool {
     match folder {
-        "inbox" => m.direction == "in",
-        "flows" | "archived" => false,
+        "inbox" => m.direction == "in" && m.flow.is_none(),
+        "flows" => m.direction == "in" && m.flow.is_some(),
+        "archived" => false,
         "outbox" => m.direction == "out" && matches!(m.status, "queued" | "errored"),
         "sent" => {
             m.direction == "out" && matches!(m.status, "wired" | "sent" | "delivered" | "read")
@@ -705,6 +717,7 @@ pub fn send(inner: &mut Inner, req: &Req) -> Result<Reply, Reply> {
         status: if routable { "queued" } else { "failed" },
         text,
         broadcast: None,
+        flow: None,
         created_on: now,
         modified_on: now,
         sent_on: None,

@@ -1,7 +1,8 @@
 //! Flows: loading RapidPro flow exports (spec 13) into the sandbox and
 //! `GET /api/v2/flows.json` (filters uuid, type, archived, before/after on
 //! modified_on) in the read shape of reference §5.5. `runs` counts the
-//! sandbox's runs (waiting ones as `waiting`; `active` is always 0).
+//! sandbox's runs (waiting ones as `waiting`; `active` is always 0). The
+//! definition is kept for the engine (`engine`), which runs it.
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
@@ -21,6 +22,8 @@ pub struct Flow {
     /// Minutes.
     pub expires: i64,
     pub results: Vec<Value>,
+    /// The flow as exported (nodes, localization), run by the engine.
+    pub definition: Value,
     pub created_on: DateTime<Utc>,
     pub modified_on: DateTime<Utc>,
 }
@@ -97,6 +100,7 @@ pub fn load_export(inner: &mut Inner, export: &Value) -> Result<Vec<String>, Str
             archived: false,
             expires: f["expire_after_minutes"].as_i64().unwrap_or(0),
             results: results_of(f),
+            definition: f.clone(),
             created_on: now,
             modified_on: now,
         };

@@ -1,5 +1,6 @@
 //! The sandbox's router and the rules every `/api/v2/` request goes
-//! through, in RapidPro's order: error injection and latency (knobs), the
+//! through, in RapidPro's order: the fault knobs (latency, dropped
+//! connections, hung requests, 500s), the
 //! route and `.json` suffix, authentication (403 shapes), throttling (429),
 //! the method (405), then the endpoint. Every API call is recorded. Also
 //! the request/reply types the endpoints share and cursor pagination.
@@ -37,6 +38,9 @@ pub fn router(sandbox: Sandbox) -> Router {
         .route("/_sandbox/contact_status", post(inspect::contact_status))
         .route("/_sandbox/tick", post(inspect::tick))
         .route("/_sandbox/inbound", post(inspect::inbound))
+        .route("/_sandbox/interrupt", post(inspect::interrupt))
+        .route("/_sandbox/clock", post(inspect::advance_clock))
+        .route("/_sandbox/webhooks/deliver", post(inspect::deliver))
         .fallback(entry)
         .with_state(sandbox)
 }
@@ -240,7 +244,7 @@ const ENDPOINTS: &[Endpoint] = &[
     },
 ];
 
-fn random_fraction() -> f64 {
+pub(super) fn random_fraction() -> f64 {
     // 53 random bits from a v4 UUID: uniform in [0, 1).
     let bits = uuid::Uuid::new_v4().as_u128() >> 75;
     bits as f64 / (1u64 << 53) as f64
@@ -272,12 +276,38 @@ async fn entry(
         body,
         origin: format!("http://{host}"),
     };
-    let (latency, error_rate) = {
+    let (latency, error_rate, timeout_rate, drop_rate) = {
         let inner = sandbox.lock();
-        (inner.latency, inner.error_rate)
+        (
+            inner.latency,
+            inner.error_rate,
+            inner.timeout_rate,
+            inner.drop_rate,
+        )
     };
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
+    }
+    if drop_rate > 0.0 && random_fraction() < drop_rate {
+        let mut inner = sandbox.lock();
+        let time = inner.now();
+        inner.calls.push(CallRecord {
+            method: req.method.to_string(),
+            path: req.path.clone(),
+            query: uri.query().map(str::to_string),
+            body: recorded_body(&req.body),
+            status: 0,
+            time: format_dt(&time),
+        });
+        return dropped_connection();
+    }
+    if timeout_rate > 0.0 && random_fraction() < timeout_rate {
+        tokio::select! {
+            () = tokio::time::sleep(super::TIMEOUT_HANG) => {}
+            () = sandbox.stop.cancelled() => {
+                return into_response(Reply::detail(StatusCode::SERVICE_UNAVAILABLE, "Shutting down."));
+            }
+        }
     }
     let mut inner = sandbox.lock();
     let time = inner.now();
@@ -290,17 +320,41 @@ async fn entry(
         method: req.method.to_string(),
         path: req.path.clone(),
         query: uri.query().map(str::to_string),
-        body: if req.body.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&req.body)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&req.body).into_owned()))
-        },
+        body: recorded_body(&req.body),
         status: reply.status.as_u16(),
         time: format_dt(&time),
     });
+    // With auto_process, flows run as requests arrive; webhooks they reach
+    // are sent in the background, as mailroom would, without holding up
+    // this answer. Otherwise they wait for `deliver_pending_webhooks`.
+    let deliver = inner.auto_process && !inner.pending_webhooks.is_empty();
     drop(inner);
+    if deliver {
+        let sandbox = sandbox.clone();
+        tokio::spawn(async move {
+            sandbox.deliver_pending_webhooks().await;
+        });
+    }
     into_response(reply)
+}
+
+fn recorded_body(body: &Bytes) -> Value {
+    if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()))
+    }
+}
+
+/// A response whose body fails at once: hyper closes the connection
+/// without sending anything, so the client sees a connection error and
+/// no status (`drop_rate`).
+fn dropped_connection() -> Response {
+    let failing = futures::stream::once(async {
+        Err::<Bytes, std::io::Error>(std::io::Error::other("sandbox drop_rate"))
+    });
+    Response::new(Body::from_stream(failing))
 }
 
 fn into_response(reply: Reply) -> Response {

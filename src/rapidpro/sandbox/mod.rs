@@ -11,6 +11,8 @@
 //! - `http`: the router, the cross-cutting rules (`.json` suffix, auth,
 //!   throttling, error injection, call recording) and cursor pagination.
 //! - `urn`: URN normalisation and validation.
+//! - `engine`: the flow interpreter (runs walk their flow definitions,
+//!   send messages, wait for replies, call webhooks, expire).
 //! - `contacts`, `groups` (groups, fields, workspace), `actions`
 //!   (contact_actions), `flows` (flow exports, flows), `broadcasts`
 //!   (broadcasts, messages, their processing and inbound messages), `runs`
@@ -21,6 +23,7 @@
 mod actions;
 mod broadcasts;
 mod contacts;
+mod engine;
 mod flows;
 mod groups;
 mod http;
@@ -151,11 +154,23 @@ pub struct SandboxSettings {
     pub latency: Duration,
     /// Fraction (0.0..=1.0) of API requests answered 500 with a plain-text body.
     pub error_rate: f64,
+    /// Fraction (0.0..=1.0) of API requests that hang for
+    /// [`TIMEOUT_HANG`] (or until shutdown) before being handled.
+    pub timeout_rate: f64,
+    /// Fraction (0.0..=1.0) of API requests whose connection is closed
+    /// without any HTTP response (the request is not handled).
+    pub drop_rate: f64,
+    /// When set, every flow `call_webhook` action POSTs here instead of its URL.
+    pub webhook_url_override: Option<String>,
     /// Process broadcasts, flow starts and single messages as soon as they
     /// are created, instead of waiting for [`Sandbox::tick`] (RapidPro does it
     /// asynchronously; off by default so tests can observe `pending`).
     pub auto_process: bool,
 }
+
+/// How long a request picked by the `timeout_rate` knob hangs: far longer
+/// than any client timeout.
+pub const TIMEOUT_HANG: Duration = Duration::from_secs(120);
 
 /// The default token the sandbox accepts.
 pub const DEFAULT_TOKEN: &str = "sandbox-token";
@@ -174,6 +189,9 @@ impl Default for SandboxSettings {
             page_size: 250,
             latency: Duration::ZERO,
             error_rate: 0.0,
+            timeout_rate: 0.0,
+            drop_rate: 0.0,
+            webhook_url_override: None,
             auto_process: false,
         }
     }
@@ -195,6 +213,9 @@ impl SandboxSettings {
 pub struct Knobs {
     pub latency_ms: u64,
     pub error_rate: f64,
+    pub timeout_rate: f64,
+    pub drop_rate: f64,
+    pub webhook_url_override: Option<String>,
     pub auto_process: bool,
     /// Scope -> rate in DRF syntax, e.g. `{"v2.contacts": "5/hour"}`.
     pub throttle: BTreeMap<String, String>,
@@ -204,7 +225,12 @@ pub struct Knobs {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct KnobsUpdate {
     pub latency_ms: Option<u64>,
+    /// Each rate must be within 0.0..=1.0.
     pub error_rate: Option<f64>,
+    pub timeout_rate: Option<f64>,
+    pub drop_rate: Option<f64>,
+    /// An http(s) URL; `""` removes the override.
+    pub webhook_url_override: Option<String>,
     pub auto_process: Option<bool>,
     /// Scope -> rate; the scope `"*"` sets every scope.
     pub throttle: Option<BTreeMap<String, String>>,
@@ -214,12 +240,15 @@ pub struct KnobsUpdate {
 #[derive(Clone)]
 pub struct Sandbox {
     shared: Arc<Mutex<state::Inner>>,
+    /// Cancelled when the server stops: ends requests hung by `timeout_rate`.
+    pub(crate) stop: CancellationToken,
 }
 
 impl Sandbox {
     pub fn new(settings: SandboxSettings) -> Self {
         Sandbox {
             shared: Arc::new(Mutex::new(state::Inner::new(settings))),
+            stop: CancellationToken::new(),
         }
     }
 
@@ -252,8 +281,11 @@ impl Sandbox {
         broadcasts::process_pending(&mut self.lock())
     }
 
-    /// Processes pending broadcasts and flow starts and sends queued
-    /// messages, in that order (`POST /_sandbox/tick`).
+    /// Processes pending broadcasts and flow starts (their runs walk their
+    /// flows), sends queued messages and expires runs waiting past their
+    /// flow's expiry, in that order. Webhooks the runs reach are queued:
+    /// send them with [`Sandbox::deliver_pending_webhooks`] (the HTTP
+    /// `POST /_sandbox/tick` does both).
     pub fn tick(&self) -> TickReport {
         self.lock().tick()
     }
@@ -265,8 +297,9 @@ impl Sandbox {
     }
 
     /// Does what mailroom does after flow start POSTs: every `pending` start
-    /// gets one waiting run per recipient and becomes `completed` (`failed`
-    /// for an archived flow). Returns how many starts were processed.
+    /// gets one run per recipient, which the engine walks until it waits,
+    /// ends or reaches a webhook, and becomes `completed` (`failed` for an
+    /// archived flow). Returns how many starts were processed.
     pub fn process_flow_starts(&self) -> usize {
         runs::process_pending(&mut self.lock())
     }
@@ -352,9 +385,113 @@ impl Sandbox {
     }
 
     /// Simulates an inbound message from `urn` (creating the contact when
-    /// unknown; a stopped contact becomes active). Returns the contact UUID.
+    /// unknown; a stopped contact becomes active). A run of the contact
+    /// waiting for a message consumes it and goes on; webhooks it reaches
+    /// are queued for [`Sandbox::deliver_pending_webhooks`]. Returns the
+    /// contact UUID.
     pub fn receive_message(&self, urn: &str, text: &str) -> Result<String, String> {
         broadcasts::receive(&mut self.lock(), urn, text)
+    }
+
+    /// How many webhook deliveries runs are waiting for.
+    pub fn pending_webhooks(&self) -> usize {
+        self.lock().pending_webhooks.len()
+    }
+
+    /// Sends the webhooks and resthooks runs queued (outside the state's
+    /// lock), records each call, gives each run its result (`@webhook`, and
+    /// `result_name` with category `Success` for 2xx, else `Failure`) and lets
+    /// it go on; repeats while the runs queue more. Returns the calls made.
+    pub async fn deliver_pending_webhooks(&self) -> Vec<WebhookCall> {
+        let mut calls = Vec::new();
+        // Bounded: a flow looping on webhooks cannot keep this busy forever.
+        for _ in 0..100 {
+            let batch = std::mem::take(&mut self.lock().pending_webhooks);
+            if batch.is_empty() {
+                break;
+            }
+            for pending in batch {
+                let mut outcome: Option<engine::WebhookOutcome> = None;
+                for (subscriber, url) in &pending.targets {
+                    let time = state::format_dt(&self.lock().now());
+                    let response = webhooks::send(
+                        &pending.method,
+                        url,
+                        &pending.headers,
+                        pending.body.as_deref(),
+                    )
+                    .await;
+                    let call = WebhookCall {
+                        url: url.clone(),
+                        payload: pending.payload.clone(),
+                        status: response.status,
+                        error: response.error.clone(),
+                        time,
+                    };
+                    let mut inner = self.lock();
+                    inner.webhook_calls.push(call.clone());
+                    if let (Some(id), Some(410)) = (subscriber, response.status) {
+                        inner.subscribers.retain(|s| s.id != *id);
+                    }
+                    drop(inner);
+                    calls.push(call);
+                    let status = response.status.unwrap_or(0);
+                    // A resthook's result prefers a failure (goflow's rule):
+                    // the first failure sticks, else the last success counts.
+                    let sticks = outcome.as_ref().is_some_and(|o| !o.success());
+                    if !sticks {
+                        outcome = Some(engine::WebhookOutcome {
+                            status,
+                            json: response.json,
+                            input: format!("{} {url}", pending.method),
+                        });
+                    }
+                }
+                let outcome = outcome.unwrap_or(engine::WebhookOutcome {
+                    status: 0,
+                    json: Value::Null,
+                    input: String::new(),
+                });
+                engine::resume_after_webhook(&mut self.lock(), &pending, &outcome);
+            }
+        }
+        calls
+    }
+
+    /// Moves the sandbox's clock forward: timestamps and run expiry follow
+    /// it (the next [`Sandbox::tick`] expires runs whose time has come).
+    pub fn advance_clock(&self, by: Duration) {
+        let by = chrono::Duration::from_std(by).unwrap_or(chrono::Duration::MAX);
+        self.lock().advance_clock(by);
+    }
+
+    /// Expires now every run that has waited for a message longer than
+    /// `older_than` (regardless of its flow's expiry). Returns how many.
+    pub fn expire_waiting_runs(&self, older_than: Duration) -> usize {
+        let older_than = chrono::Duration::from_std(older_than).unwrap_or(chrono::Duration::MAX);
+        let mut inner = self.lock();
+        let now = inner.now();
+        for r in inner.runs.iter_mut().filter(|r| {
+            r.exit_type.is_none()
+                && matches!(r.cursor, Some(engine::Cursor::Msg { .. }))
+                && r.modified_on + older_than <= now
+        }) {
+            r.expires_on = Some(now);
+        }
+        engine::expire_runs(&mut inner)
+    }
+
+    /// Interrupts every unfinished run of a contact, as the UI or a newer
+    /// flow would (`POST /_sandbox/interrupt`). Returns how many runs.
+    pub fn interrupt_contact(&self, contact_uuid: &str) -> usize {
+        let mut inner = self.lock();
+        match inner.contacts.iter().find(|c| c.uuid == contact_uuid) {
+            Some(c) => {
+                let id = c.id;
+                engine::interrupt_contact(&mut inner, id)
+            }
+            None => 0,
+        }
     }
 
     /// Forgets the recorded calls.
@@ -443,7 +580,7 @@ impl SandboxServer {
             .cloned()
             .unwrap_or_else(|| DEFAULT_TOKEN.to_string());
         let sandbox = Sandbox::new(settings);
-        let shutdown = CancellationToken::new();
+        let shutdown = sandbox.stop.clone();
         let router = sandbox.router();
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {

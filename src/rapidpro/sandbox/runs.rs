@@ -1,10 +1,10 @@
 //! Flow starts and runs: `POST/GET /api/v2/flow_starts.json` (validation
 //! of reference §5.6; created `pending`), their processing step
 //! ([`process_pending`]: one waiting run per recipient, exclusions, archived
-//! flows fail, messaging flows interrupt other waiting runs), completing a
-//! run with results ([`complete_run`], standing in for the contact's
-//! replies) and `GET /api/v2/runs.json` (§5.9). Flow definitions are not
-//! executed: no messages are sent by runs.
+//! flows fail, messaging flows interrupt other waiting runs; each new run is
+//! handed to the flow engine, `engine`, which walks its definition),
+//! completing a run with results ([`complete_run`], a shortcut standing in
+//! for the contact's replies) and `GET /api/v2/runs.json` (§5.9).
 
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
@@ -49,6 +49,19 @@ pub struct Run {
     pub exited_on: Option<DateTime<Utc>>,
     /// None while waiting; `completed|interrupted|expired|failed`.
     pub exit_type: Option<String>,
+    /// The start's `params` (`@trigger.params`).
+    pub params: Value,
+    /// Where the engine continues (None once ended, or for a run the
+    /// engine left waiting without a wait, e.g. a flow without nodes).
+    pub cursor: Option<super::engine::Cursor>,
+    /// When a run waiting for a message expires (flow's `expire_after_minutes`).
+    pub expires_on: Option<DateTime<Utc>>,
+    /// The last message text the run consumed (`@input`).
+    pub input: Option<String>,
+    /// The last webhook's `{"status", "json"}` (`@webhook`).
+    pub webhook: Option<Value>,
+    /// Result key -> the operand it was read from (the resthook's `input`).
+    pub inputs: Map<String, Value>,
 }
 
 fn boolean(
@@ -153,7 +166,7 @@ pub fn create_start(inner: &mut Inner, req: &Req) -> Result<Reply, Reply> {
     Ok(Reply::json(StatusCode::CREATED, json))
 }
 
-fn flow_ref(inner: &Inner, uuid: &str) -> Value {
+pub fn flow_ref(inner: &Inner, uuid: &str) -> Value {
     inner
         .flows
         .iter()
@@ -279,18 +292,10 @@ pub fn process_pending(inner: &mut Inner) -> usize {
         });
         for i in &recipients {
             let contact = inner.contacts[*i].id;
-            let now = inner.now();
             if flow.flow_type == "message" {
-                for r in inner
-                    .runs
-                    .iter_mut()
-                    .filter(|r| r.contact == contact && r.exit_type.is_none())
-                {
-                    r.exit_type = Some("interrupted".into());
-                    r.exited_on = Some(now);
-                    r.modified_on = now;
-                }
+                super::engine::interrupt_contact(inner, contact);
             }
+            let now = inner.now();
             let run = Run {
                 id: inner.next_id(),
                 uuid: uuid::Uuid::new_v4().to_string(),
@@ -304,8 +309,16 @@ pub fn process_pending(inner: &mut Inner) -> usize {
                 modified_on: now,
                 exited_on: None,
                 exit_type: None,
+                params: s.params.clone(),
+                cursor: None,
+                expires_on: None,
+                input: None,
+                webhook: None,
+                inputs: Map::new(),
             };
             inner.runs.push(run);
+            let ri = inner.runs.len() - 1;
+            super::engine::start_run(inner, ri);
         }
         let n = i64::try_from(recipients.len()).unwrap_or(i64::MAX);
         let now = inner.now();
@@ -353,6 +366,8 @@ pub fn complete_run(inner: &mut Inner, run_uuid: &str, results: &[(&str, &str, &
         );
     }
     run.responded = run.responded || !results.is_empty();
+    run.cursor = None;
+    run.expires_on = None;
     run.exit_type = Some("completed".into());
     run.exited_on = Some(now);
     run.modified_on = now;

@@ -1,6 +1,6 @@
 //! The sandbox's in-memory state: the workspace's contacts, groups and
-//! fields, the call log, the throttle history, the knobs and a strictly
-//! increasing clock. Also the API read shapes of contacts, groups and fields.
+//! fields, the call log, the throttle history, the knobs, the webhooks
+//! queued by runs and a strictly increasing clock that tests can advance. Also the API read shapes of contacts, groups and fields.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -17,6 +17,8 @@ pub struct TickReport {
     pub broadcasts: usize,
     pub flow_starts: usize,
     pub messages: usize,
+    /// Runs that waited for a message past their flow's expiry.
+    pub expired_runs: usize,
 }
 
 /// One API call as the sandbox received and answered it.
@@ -123,12 +125,23 @@ pub struct Inner {
     pub subscribers: Vec<super::webhooks::Subscriber>,
     pub events: Vec<super::webhooks::Event>,
     pub webhook_calls: Vec<super::webhooks::WebhookCall>,
+    /// Webhook and resthook POSTs runs are waiting for, sent outside the
+    /// lock by `Sandbox::deliver_pending_webhooks`.
+    pub pending_webhooks: Vec<super::engine::PendingWebhook>,
     pub calls: Vec<CallRecord>,
     pub throttle_log: HashMap<String, VecDeque<Instant>>,
     pub rates: BTreeMap<String, Rate>,
     pub latency: Duration,
     pub error_rate: f64,
+    /// Fraction of API requests that hang (`timeout_rate` knob).
+    pub timeout_rate: f64,
+    /// Fraction of API requests whose connection is closed unanswered.
+    pub drop_rate: f64,
+    /// Every flow `call_webhook` goes here instead of its URL.
+    pub webhook_url_override: Option<String>,
     pub auto_process: bool,
+    /// Added to the wall clock (`Sandbox::advance_clock`).
+    clock_offset: chrono::Duration,
     next_id: u64,
     last_time: DateTime<Utc>,
 }
@@ -153,7 +166,11 @@ impl Inner {
         Inner {
             latency: settings.latency,
             error_rate: settings.error_rate.clamp(0.0, 1.0),
+            timeout_rate: settings.timeout_rate.clamp(0.0, 1.0),
+            drop_rate: settings.drop_rate.clamp(0.0, 1.0),
+            webhook_url_override: settings.webhook_url_override.clone(),
             auto_process: settings.auto_process,
+            clock_offset: chrono::Duration::zero(),
             settings,
             contacts: Vec::new(),
             groups: Vec::new(),
@@ -167,6 +184,7 @@ impl Inner {
             subscribers: Vec::new(),
             events: Vec::new(),
             webhook_calls: Vec::new(),
+            pending_webhooks: Vec::new(),
             calls: Vec::new(),
             throttle_log: HashMap::new(),
             rates,
@@ -186,13 +204,15 @@ impl Inner {
         self.subscribers.clear();
         self.events.clear();
         self.webhook_calls.clear();
+        self.pending_webhooks.clear();
         self.calls.clear();
         self.throttle_log.clear();
     }
 
-    /// Now, truncated to microseconds, strictly after the last value handed out.
+    /// Now (plus the clock offset), truncated to microseconds, strictly
+    /// after the last value handed out.
     pub fn now(&mut self) -> DateTime<Utc> {
-        let now = Utc::now();
+        let now = Utc::now() + self.clock_offset;
         let micros = now.timestamp_micros();
         let mut t = DateTime::<Utc>::from_timestamp_micros(micros).unwrap_or(now);
         if t <= self.last_time {
@@ -200,6 +220,13 @@ impl Inner {
         }
         self.last_time = t;
         t
+    }
+
+    /// Moves the sandbox's clock forward (expiry tests).
+    pub fn advance_clock(&mut self, by: chrono::Duration) {
+        if by > chrono::Duration::zero() {
+            self.clock_offset += by;
+        }
     }
 
     pub fn next_id(&mut self) -> u64 {
@@ -212,6 +239,9 @@ impl Inner {
         Knobs {
             latency_ms: u64::try_from(self.latency.as_millis()).unwrap_or(u64::MAX),
             error_rate: self.error_rate,
+            timeout_rate: self.timeout_rate,
+            drop_rate: self.drop_rate,
+            webhook_url_override: self.webhook_url_override.clone(),
             auto_process: self.auto_process,
             throttle: self
                 .rates
@@ -239,11 +269,32 @@ impl Inner {
             }
             rates.push((scope, rate.parse::<Rate>()?));
         }
-        if let Some(rate) = update.error_rate {
-            if !(0.0..=1.0).contains(&rate) {
-                return Err("error_rate must be between 0.0 and 1.0".into());
+        for (name, rate) in [
+            ("error_rate", update.error_rate),
+            ("timeout_rate", update.timeout_rate),
+            ("drop_rate", update.drop_rate),
+        ] {
+            if rate.is_some_and(|r| !(0.0..=1.0).contains(&r)) {
+                return Err(format!("{name} must be between 0.0 and 1.0"));
             }
+        }
+        if let Some(url) = &update.webhook_url_override
+            && !url.is_empty()
+            && !url::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"))
+        {
+            return Err("webhook_url_override must be an http(s) URL or \"\"".into());
+        }
+        if let Some(rate) = update.error_rate {
             self.error_rate = rate;
+        }
+        if let Some(rate) = update.timeout_rate {
+            self.timeout_rate = rate;
+        }
+        if let Some(rate) = update.drop_rate {
+            self.drop_rate = rate;
+        }
+        if let Some(url) = update.webhook_url_override {
+            self.webhook_url_override = Some(url).filter(|u| !u.is_empty());
         }
         if let Some(auto) = update.auto_process {
             self.auto_process = auto;
@@ -262,6 +313,7 @@ impl Inner {
             broadcasts: super::broadcasts::process_pending(self),
             flow_starts: super::runs::process_pending(self),
             messages: super::broadcasts::send_queued(self),
+            expired_runs: super::engine::expire_runs(self),
         }
     }
 
@@ -381,7 +433,11 @@ impl Inner {
             "fields": self.fields.iter().map(Inner::field_json).collect::<Vec<_>>(),
             "flows": self.flows.iter().map(|f| super::flows::flow_json(self, f)).collect::<Vec<_>>(),
             "flow_starts": self.flow_starts.iter().map(|s| super::runs::start_json(self, s)).collect::<Vec<_>>(),
-            "runs": self.runs.iter().map(|r| super::runs::run_json(self, r, true)).collect::<Vec<_>>(),
+            "runs": self.runs.iter().map(|r| {
+                let mut v = super::runs::run_json(self, r, true);
+                v["waiting_for"] = super::engine::cursor_json(&r.cursor);
+                v
+            }).collect::<Vec<_>>(),
             "broadcasts": self.broadcasts.iter().map(|b| super::broadcasts::broadcast_json(self, b)).collect::<Vec<_>>(),
             "messages": self.messages.iter().map(|m| super::broadcasts::message_json(self, m)).collect::<Vec<_>>(),
         })

@@ -3,7 +3,8 @@
 //! endpoints (`resthooks`, `resthook_subscribers`, `resthook_events`) and the
 //! delivery rules (mailroom's headers, 15 s timeout, no retries, 410
 //! unsubscribes). Slugs are created through the handle, as RapidPro only
-//! creates them in the flow editor.
+//! creates them in the flow editor. Flow runs reach webhooks through the
+//! engine, which queues them; [`send`] makes the request.
 
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
@@ -87,7 +88,9 @@ pub fn resthook_payload(inner: &Inner, run_uuid: &str) -> Option<Value> {
                 k.clone(),
                 json!({
                     "category": v["category"], "category_localized": v["category"],
-                    "created_on": v["time"], "input": "", "name": v["name"],
+                    "created_on": v["time"],
+                    "input": run.inputs.get(k).cloned().unwrap_or_else(|| json!("")),
+                    "name": v["name"],
                     "node_uuid": v["node"], "value": v["value"],
                 }),
             )
@@ -98,7 +101,7 @@ pub fn resthook_payload(inner: &Inner, run_uuid: &str) -> Option<Value> {
         "contact": {"language": contact.language, "name": contact.name.clone().unwrap_or_default(),
                     "urn": contact.urns.first(), "uuid": contact.uuid},
         "flow": {"name": flow.name, "revision": 1, "uuid": flow.uuid},
-        "input": null,
+        "input": run.input.as_ref().map_or(Value::Null, |text| json!({"text": text, "type": "msg"})),
         "path": path,
         "results": results,
         "run": {"created_on": format_dt(&run.created_on), "uuid": run.uuid},
@@ -250,25 +253,84 @@ pub fn list_events(inner: &mut Inner, req: &Req) -> Result<Reply, Reply> {
 /// POSTs `payload` as mailroom does: JSON, its default headers, 15 s
 /// timeout, no retries.
 pub async fn post(url: &str, payload: &Value) -> (Option<u16>, Option<String>) {
+    let r = send("POST", url, &[], Some(&payload.to_string())).await;
+    (r.status, r.error)
+}
+
+/// What a webhook answered.
+pub struct Response {
+    /// None when the call failed (`error` says why).
+    pub status: Option<u16>,
+    pub error: Option<String>,
+    /// The body when it is JSON under 10,000 bytes (`@webhook.json`), else null.
+    pub json: Value,
+}
+
+/// Sends one webhook request as mailroom does: the flow's headers over the
+/// editor's defaults (`Accept`, and `Content-Type` with a body) and
+/// mailroom's (`User-Agent`, `X-Mailroom-Mode`), 15 s timeout, no retries,
+/// the response read up to 256 KiB.
+pub async fn send(
+    method: &str,
+    url: &str,
+    headers: &[(String, String)],
+    body: Option<&str>,
+) -> Response {
+    let failed = |e: String| Response {
+        status: None,
+        error: Some(e),
+        json: Value::Null,
+    };
     crate::install_tls_provider();
     let client = match reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(15))
         .build()
     {
         Ok(c) => c,
-        Err(e) => return (None, Some(e.to_string())),
+        Err(e) => return failed(e.to_string()),
     };
-    let result = client
-        .post(url)
-        .header("Content-Type", "application/json")
-        .header("Accept", "application/json")
-        .header("User-Agent", "Mailroom/26.3")
-        .header("X-Mailroom-Mode", "normal")
-        .body(payload.to_string())
-        .send()
-        .await;
-    match result {
-        Ok(r) => (Some(r.status().as_u16()), None),
-        Err(e) => (None, Some(e.to_string())),
+    let Ok(method) = reqwest::Method::from_bytes(method.as_bytes()) else {
+        return failed(format!("unsupported method {method:?}"));
+    };
+    use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+    let mut map = HeaderMap::new();
+    let mut set = |name: &str, value: &str| {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            // The flow's headers replace the defaults of the same name.
+            map.insert(n, v);
+        }
+    };
+    set("Accept", "application/json");
+    if body.is_some() {
+        set("Content-Type", "application/json");
+    }
+    for (name, value) in headers.iter().take(10) {
+        set(name, value);
+    }
+    set("User-Agent", "Mailroom/26.3");
+    set("X-Mailroom-Mode", "normal");
+    let mut request = client.request(method, url).headers(map);
+    if let Some(body) = body {
+        request = request.body(body.to_string());
+    }
+    match request.send().await {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let bytes = r.bytes().await.unwrap_or_default();
+            let json = if bytes.len() < 10_000 {
+                serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+            } else {
+                Value::Null
+            };
+            Response {
+                status: Some(status),
+                error: None,
+                json,
+            }
+        }
+        Err(e) => failed(e.to_string()),
     }
 }
