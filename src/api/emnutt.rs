@@ -61,9 +61,10 @@ pub fn routes(state: AppState) -> Router {
 
 fn json_reply(status: StatusCode, body: &Value) -> Response {
     let mut response = (status, serde_json::to_vec(body).unwrap_or_default()).into_response();
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }
 
@@ -151,7 +152,9 @@ struct ProgressQuery {
 /// `{"childrenReqIDs": [...], "parentReqId": "..."}`.
 fn requested_ids(query: &ProgressQuery) -> Result<Vec<String>, ApiError> {
     let raw = query.request_ids.as_deref().ok_or_else(|| {
-        ApiError::BadRequest("requestIDs is missing: give {\"childrenReqIDs\": [...]} as JSON".into())
+        ApiError::BadRequest(
+            "requestIDs is missing: give {\"childrenReqIDs\": [...]} as JSON".into(),
+        )
     })?;
     let parsed: Value = serde_json::from_str(raw)
         .map_err(|e| ApiError::BadRequest(format!("requestIDs is not valid JSON: {e}")))?;
@@ -210,7 +213,10 @@ async fn progress(state: &AppState, id: &str) -> Result<Value, ApiError> {
     let dispatch = DispatchState::read(&request);
     let status = request["status"].as_str().unwrap_or("");
     let done = matches!(status, "completed" | "revoked")
-        || matches!(dispatch.phase.as_str(), "dispatched" | "cancelled" | "refused");
+        || matches!(
+            dispatch.phase.as_str(),
+            "dispatched" | "cancelled" | "refused"
+        );
     let total = if entries.is_empty() {
         request["recipient"].as_array().map_or(0, Vec::len)
     } else {
@@ -234,7 +240,9 @@ async fn progress(state: &AppState, id: &str) -> Result<Value, ApiError> {
             .iter()
             .filter(|e| outbox::delivery_key(&e.resource).as_deref() == Some(key.as_str()))
         {
-            let reason = entry.resource["statusReason"]["text"].as_str().unwrap_or("");
+            let reason = entry.resource["statusReason"]["text"]
+                .as_str()
+                .unwrap_or("");
             match entry.resource["status"].as_str().unwrap_or("") {
                 "in-progress" | "completed" => success += 1,
                 "not-done" if reason.starts_with("opted out") => ignored += 1,

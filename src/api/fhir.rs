@@ -48,10 +48,7 @@ pub fn routes_at(state: AppState, prefix: &str) -> Router {
             &at("/{resource_type}/{id}/_history/{version_id}"),
             get(vread),
         )
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            nudge_jobs,
-        ))
+        .route_layer(middleware::from_fn_with_state(state.clone(), nudge_jobs))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             super::auth::require_api_key,

@@ -53,6 +53,21 @@ pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
     let app = Application::build(settings)
         .await
         .expect("application builds");
+    start(app, dir)
+}
+
+/// Like [`spawn_app_with`], on a store the test also holds (to drive jobs
+/// with `run_once()` against the same data the API serves).
+pub async fn spawn_app_on(store: mhero::store::SharedStore, overrides: &[(&str, &str)]) -> TestApp {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let settings = test_settings(&dir, overrides);
+    let app = Application::build_with_store(settings, store)
+        .await
+        .expect("application builds");
+    start(app, dir)
+}
+
+fn start(app: Application, dir: tempfile::TempDir) -> TestApp {
     let fhir = app.fhir_base().to_string();
     let base = fhir.trim_end_matches("/fhir").to_string();
     let shutdown = app.shutdown_token();
