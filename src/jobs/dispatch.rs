@@ -79,7 +79,7 @@ pub enum Step {
 /// What one pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DispatchReport {
-    /// Requests this pass worked on.
+    /// Requests this pass claimed and worked through.
     pub requests: usize,
     /// Batches sent (broadcasts + flow starts created).
     pub batches_sent: usize,
@@ -199,8 +199,10 @@ impl Dispatcher {
                 }
             }
         }
+        // A pass where nothing worked is an error (the job runner logs and
+        // counts it); otherwise the report says how many failed.
         match first_error {
-            Some(error) if report.requests == report.failed => Err(error),
+            Some(error) if report.requests == 0 => Err(error),
             _ => Ok(report),
         }
     }
