@@ -91,7 +91,7 @@ impl World {
             members.push(json!({ "entity": { "reference": format!("Practitioner/{id}") } }));
         }
         entries.push(json!({
-            "resource": { "resourceType": "Group", "id": "everyone", "type": "practitioner", "actual": true, "member": members },
+            "resource": { "resourceType": "Group", "id": "everyone", "name": "Everyone", "type": "practitioner", "actual": true, "member": members },
             "request": { "method": "PUT", "url": "Group/everyone" }
         }));
         store
@@ -666,4 +666,132 @@ async fn scheduled_and_windowed_requests_wait_and_expire() {
         .unwrap();
     assert_eq!(report.sent, 1, "{report:?}");
     assert_eq!(world.outbox("later").await[0]["status"], "in-progress");
+}
+
+/// Contacts and groups synced to the sandbox, as `serve` would have done.
+async fn sync_people_and_groups(world: &World) {
+    let directory = mhero::jobs::rapidpro_directory::RapidProDirectory::new(
+        common::rapidpro_client_for(&world.sandbox).await,
+    );
+    let phones = PhoneNormalizer::new(Some("LR")).unwrap();
+    let contacts = mhero::jobs::contact_sync::ContactSync {
+        store: world.store.as_ref(),
+        directory: &directory,
+        phones: &phones,
+        page_size: 500,
+        progress: indicatif::ProgressBar::hidden(),
+    }
+    .run_once(false)
+    .await
+    .unwrap();
+    assert!(contacts.failures.is_empty(), "{contacts:?}");
+    let groups = mhero::jobs::group_sync::GroupSync {
+        store: world.store.as_ref(),
+        directory: &directory,
+        source: mhero::config::GroupsSource::Fhir,
+    }
+    .run_once()
+    .await
+    .unwrap();
+    assert_eq!(groups.created, 1, "{groups:?}");
+}
+
+#[tokio::test]
+async fn a_request_to_a_synced_group_is_one_call_naming_the_group() {
+    let world = World::generated(250).await;
+    sync_people_and_groups(&world).await;
+    world
+        .request(
+            "to-group",
+            json!({
+                "recipient": [{ "reference": "Group/everyone" }],
+                "payload": [{ "contentString": "One call for the whole group" }]
+            }),
+        )
+        .await;
+    let report = world.dispatcher("a").await.run_once().await.unwrap();
+    assert_eq!((report.sent, report.batches_sent), (250, 1), "{report:?}");
+    let calls: Vec<_> = world
+        .sandbox
+        .sandbox()
+        .calls()
+        .into_iter()
+        .filter(|c| c.method == "POST" && c.path.contains("broadcasts"))
+        .collect();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(
+        calls[0].body["groups"].as_array().unwrap().len(),
+        1,
+        "{:?}",
+        calls[0].body
+    );
+    assert!(calls[0].body.get("contacts").is_none() && calls[0].body.get("urns").is_none());
+    assert_eq!(
+        by_status(&world.outbox("to-group").await),
+        HashMap::from([("in-progress".to_string(), 250)])
+    );
+    let messages = world.messages_per_urn();
+    assert_eq!(messages.len(), 250);
+    assert!(messages.values().all(|n| *n == 1));
+
+    // Someone opts out in FHIR before the group sync ran: back to batches
+    // of people, so the opted-out worker is not messaged through the group.
+    let mut p = world
+        .store
+        .read("Practitioner", "gen-7")
+        .await
+        .unwrap()
+        .resource;
+    p["meta"]["tag"] = json!([{ "system": "http://mhero.org/codesystem", "code": "optedout" }]);
+    world
+        .store
+        .update("Practitioner", "gen-7", p, None)
+        .await
+        .unwrap();
+    world
+        .request(
+            "after-opt-out",
+            json!({
+                "recipient": [{ "reference": "Group/everyone" }],
+                "payload": [{ "contentString": "Second message" }]
+            }),
+        )
+        .await;
+    let report = world.dispatcher("a").await.run_once().await.unwrap();
+    assert_eq!(
+        (report.sent, report.not_done, report.batches_sent),
+        (249, 1, 3),
+        "{report:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_crash_after_a_group_call_is_reconciled_by_the_group() {
+    let world = World::generated(120).await;
+    sync_people_and_groups(&world).await;
+    world
+        .request(
+            "group-crash",
+            json!({
+                "recipient": [{ "reference": "Group/everyone" }],
+                "payload": [{ "contentString": "Once, through the group" }]
+            }),
+        )
+        .await;
+    let error = world
+        .dispatcher("a")
+        .await
+        .crash_at(Step::BatchSent, 1)
+        .run_once()
+        .await
+        .unwrap_err();
+    assert!(matches!(error, DispatchError::Crashed(Step::BatchSent)));
+    let report = world.dispatcher("a").await.run_once().await.unwrap();
+    assert_eq!(
+        (report.reconciled, report.batches_sent, report.sent),
+        (1, 0, 120),
+        "{report:?}"
+    );
+    assert_eq!(world.api_calls("broadcasts"), 1);
+    assert!(world.messages_per_urn().values().all(|n| *n == 1));
 }

@@ -34,15 +34,16 @@ use futures::{StreamExt, TryStreamExt};
 use serde_json::{Map, Value, json};
 
 use crate::config::MessagingSettings;
+use crate::jobs::group_sync::GROUP_UUID_SYSTEM;
 use crate::pipeline::outbox::{
     self, Address, BATCH_PARAM, BATCH_SYSTEM, BROADCAST_SYSTEM, DispatchState, FLOW_START_SYSTEM,
     Planned,
 };
 use crate::pipeline::phone::PhoneNormalizer;
-use crate::pipeline::recipients::{Recipient, resolve};
-use crate::pipeline::request::{Delivery, MessageRequest, MessageText};
-use crate::rapidpro::client::{RapidProClient, RapidProError, TimeQuery};
-use crate::rapidpro::types::{BroadcastWrite, FlowStartWrite, Translated};
+use crate::pipeline::recipients::{Reach, Recipient, resolve};
+use crate::pipeline::request::{Delivery, MessageRequest, MessageText, RecipientRef};
+use crate::rapidpro::client::{ContactQuery, RapidProClient, RapidProError, TimeQuery};
+use crate::rapidpro::types::{BroadcastWrite, ContactStatus, FlowStartWrite, Translated};
 use crate::store::{
     SearchRequest, SharedStore, StoreError, StoredResource, escape_search_value, parse_etag,
     search_all,
@@ -119,6 +120,18 @@ pub struct Dispatcher {
     instance: String,
     crash_at: Option<(Step, usize)>,
     steps_seen: AtomicUsize,
+}
+
+/// Outbox entries written per transaction.
+const WRITE_CHUNK: usize = 500;
+
+/// Whom a RapidPro call names.
+#[derive(Clone, Copy)]
+enum Target<'a> {
+    /// `(contact uuid, urn)` per recipient; contacts preferred.
+    People(&'a [(Option<String>, Option<String>)]),
+    /// Whole RapidPro groups (their active members).
+    Groups(&'a [String]),
 }
 
 /// How a batch went at RapidPro.
@@ -293,7 +306,7 @@ impl Dispatcher {
                     continue;
                 }
                 let reason = match &recipient.reach {
-                    crate::pipeline::recipients::Reach::Unreachable(reason) => Some(reason.clone()),
+                    Reach::Unreachable(reason) => Some(reason.clone()),
                     _ if cancelled => Some("the request was cancelled before this was sent".into()),
                     _ if expired => Some(
                         "the sending window (occurrencePeriod) ended before this was sent".into(),
@@ -316,22 +329,41 @@ impl Dispatcher {
             }
         }
         report.not_done += not_done.len();
-        for chunk in not_done.chunks(500) {
+        for chunk in not_done.chunks(WRITE_CHUNK) {
             self.write_all(chunk.to_vec()).await?;
         }
 
-        // 4. Send, batch by batch, renewing the claim as we go.
+        // 4. Send, batch by batch, renewing the claim as we go: one call
+        //    naming the RapidPro groups when they hold exactly the people
+        //    to reach, else batches of people.
+        let groups = if outbox.is_empty() && not_done.is_empty() {
+            self.whole_groups(&parsed, &resolution.recipients).await?
+        } else {
+            None
+        };
         let mut batches: Vec<(&Delivery, Vec<&Recipient>)> = Vec::new();
         for (index, pending) in &to_send {
-            for chunk in pending.chunks(self.settings.batch_size) {
+            let size = if groups.is_some() {
+                pending.len()
+            } else {
+                self.settings.batch_size
+            };
+            for chunk in pending.chunks(size) {
                 batches.push((&parsed.deliveries[*index], chunk.to_vec()));
             }
         }
+        let groups = groups.unwrap_or_default();
         let per_renewal = self.settings.max_concurrent_calls * 10;
         for group in batches.chunks(per_renewal.max(1)) {
             let mut sends = Vec::with_capacity(group.len());
             for (delivery, recipients) in group {
-                sends.push(self.send_batch(&current.resource, &request_id, delivery, recipients));
+                sends.push(self.send_batch(
+                    &current.resource,
+                    &request_id,
+                    delivery,
+                    recipients,
+                    &groups,
+                ));
             }
             let results: Vec<DispatchReport> = futures::stream::iter(sends)
                 .buffer_unordered(self.settings.max_concurrent_calls)
@@ -352,6 +384,66 @@ impl Dispatcher {
             report.completed += self.complete_if_final(&current).await? as usize;
         }
         Ok(report)
+    }
+
+    /// The RapidPro group uuids to send to instead of people, when the
+    /// request names only Groups linked to RapidPro groups, has no job
+    /// filter, everyone can be reached through a known contact, and the
+    /// groups' active contacts in RapidPro are exactly those people (a
+    /// membership change not yet synced, or an opt-out, makes it `None`).
+    async fn whole_groups(
+        &self,
+        parsed: &MessageRequest,
+        recipients: &[Recipient],
+    ) -> Result<Option<Vec<String>>, DispatchError> {
+        if !parsed.job_filter.is_empty() || parsed.recipients.is_empty() {
+            return Ok(None);
+        }
+        let mut group_ids = Vec::new();
+        for recipient in &parsed.recipients {
+            match recipient {
+                RecipientRef::Literal { resource_type, id } if resource_type == "Group" => {
+                    group_ids.push(id.clone())
+                }
+                _ => return Ok(None),
+            }
+        }
+        let mut wanted: HashSet<&str> = HashSet::new();
+        for recipient in recipients {
+            match &recipient.reach {
+                Reach::Reachable {
+                    contact_uuid: Some(uuid),
+                    ..
+                } => {
+                    wanted.insert(uuid.as_str());
+                }
+                _ => return Ok(None),
+            }
+        }
+        let mut uuids = Vec::new();
+        for id in &group_ids {
+            let group = self.store.read("Group", id).await?;
+            match outbox::identifier(&group.resource, GROUP_UUID_SYSTEM) {
+                Some(uuid) => uuids.push(uuid),
+                None => return Ok(None),
+            }
+        }
+        let mut members: HashSet<String> = HashSet::new();
+        for uuid in &uuids {
+            let mut contacts = self.client.contacts(&ContactQuery {
+                group: Some(uuid.clone()),
+                ..Default::default()
+            });
+            while let Some(contact) = contacts.next().await {
+                let contact = contact?;
+                if contact.status == Some(ContactStatus::Active) {
+                    members.insert(contact.uuid);
+                }
+            }
+        }
+        let same =
+            members.len() == wanted.len() && members.iter().all(|m| wanted.contains(m.as_str()));
+        Ok(same.then_some(uuids))
     }
 
     fn lease(&self) -> chrono::Duration {
@@ -528,16 +620,21 @@ impl Dispatcher {
         request_id: &str,
         delivery: &Delivery,
         recipients: &[&Recipient],
+        groups: &[String],
     ) -> Result<DispatchReport, DispatchError> {
         let batch = uuid::Uuid::new_v4().to_string();
         let planned = Planned::Preparation {
             batch: batch.clone(),
+            groups: groups.to_vec(),
         };
         let entries: Vec<Value> = recipients
             .iter()
             .map(|r| outbox::communication(request, request_id, delivery, r, &planned))
             .collect();
-        let versions = self.write_all(entries.clone()).await?;
+        let mut versions = HashMap::new();
+        for chunk in entries.chunks(WRITE_CHUNK) {
+            versions.extend(self.write_all(chunk.to_vec()).await?);
+        }
         self.reached(Step::BatchPrepared)?;
         let addresses: Vec<(Option<String>, Option<String>)> = recipients
             .iter()
@@ -546,7 +643,12 @@ impl Dispatcher {
                 _ => (None, Address::urn_of(r)),
             })
             .collect();
-        let outcome = self.call(delivery, &batch, &addresses).await?;
+        let target = if groups.is_empty() {
+            Target::People(&addresses)
+        } else {
+            Target::Groups(groups)
+        };
+        let outcome = self.call(delivery, &batch, target).await?;
         let mut report = DispatchReport::default();
         if matches!(outcome, BatchOutcome::Accepted { .. }) {
             report.batches_sent += 1;
@@ -602,10 +704,20 @@ impl Dispatcher {
                 })
                 .collect(),
         };
+        for chunk in updates.chunks(WRITE_CHUNK) {
+            self.write_marks(chunk.to_vec()).await?;
+        }
+        Ok(report)
+    }
+
+    /// Writes marked entries in one transaction, or one by one (only what
+    /// is still in preparation) if a delivery update got there first.
+    async fn write_marks(
+        &self,
+        updates: Vec<(Value, Option<String>)>,
+    ) -> Result<(), DispatchError> {
         match self.write_bundle(updates.clone()).await {
             Ok(_) => {}
-            // A delivery update got there first: mark one by one, only
-            // what is still in preparation.
             Err(StoreError::TransactionEntry { .. }) | Err(StoreError::VersionConflict { .. }) => {
                 for (updated, _) in updates {
                     let id = updated["id"].as_str().unwrap_or_default().to_string();
@@ -630,7 +742,7 @@ impl Dispatcher {
             }
             Err(other) => return Err(other.into()),
         }
-        Ok(report)
+        Ok(())
     }
 
     /// Creates the broadcast or flow start of a batch. Addresses are
@@ -640,8 +752,12 @@ impl Dispatcher {
         &self,
         delivery: &Delivery,
         batch: &str,
-        addresses: &[(Option<String>, Option<String>)],
+        target: Target<'_>,
     ) -> Result<BatchOutcome, DispatchError> {
+        let (addresses, groups): (&[(Option<String>, Option<String>)], Vec<String>) = match target {
+            Target::People(addresses) => (addresses, Vec::new()),
+            Target::Groups(groups) => (&[], groups.to_vec()),
+        };
         let mut use_urns_only = false;
         let mut refused: Vec<(usize, String)> = Vec::new();
         for _attempt in 0..3 {
@@ -663,7 +779,7 @@ impl Dispatcher {
                     (None, None) => refused.push((i, "no address".into())),
                 }
             }
-            if contacts.is_empty() && urns.is_empty() {
+            if contacts.is_empty() && urns.is_empty() && groups.is_empty() {
                 return Ok(BatchOutcome::Refused(
                     refused
                         .first()
@@ -677,6 +793,7 @@ impl Dispatcher {
                     .create_broadcast(&BroadcastWrite {
                         urns,
                         contacts,
+                        groups: groups.clone(),
                         text: Some(broadcast_text(text)),
                         base_language: match text {
                             MessageText::Translated { base_language, .. } => {
@@ -701,6 +818,7 @@ impl Dispatcher {
                             flow: uuid.clone(),
                             contacts,
                             urns,
+                            groups: groups.clone(),
                             restart_participants: *restart_participants,
                             exclude_active: *exclude_active,
                             params: Some(params),
@@ -783,8 +901,14 @@ impl Dispatcher {
                 .iter()
                 .map(|e| (e.resource.clone(), Some(e.version_id.clone())))
                 .collect();
+            let groups = outbox::groups(&entries[0].resource);
+            let target = if groups.is_empty() {
+                Target::People(&addresses)
+            } else {
+                Target::Groups(&groups)
+            };
             let outcome = match self
-                .find_in_rapidpro(delivery, &batch, &addresses, prepared_at)
+                .find_in_rapidpro(delivery, &batch, target, prepared_at)
                 .await?
             {
                 Some(uuid) => {
@@ -798,7 +922,7 @@ impl Dispatcher {
                     BatchOutcome::Refused("the request was cancelled before this was sent".into())
                 }
                 None => {
-                    let outcome = self.call(delivery, &batch, &addresses).await?;
+                    let outcome = self.call(delivery, &batch, target).await?;
                     if matches!(outcome, BatchOutcome::Accepted { .. }) {
                         report.batches_sent += 1;
                     }
@@ -816,7 +940,7 @@ impl Dispatcher {
         &self,
         delivery: &Delivery,
         batch: &str,
-        addresses: &[(Option<String>, Option<String>)],
+        target: Target<'_>,
         prepared_at: DateTime<Utc>,
     ) -> Result<Option<String>, DispatchError> {
         // Clocks differ: look a little before the batch was written.
@@ -841,6 +965,12 @@ impl Dispatcher {
                 Ok(None)
             }
             Delivery::Message(text) => {
+                let (addresses, groups): (&[(Option<String>, Option<String>)], &[String]) =
+                    match target {
+                        Target::People(addresses) => (addresses, &[]),
+                        Target::Groups(groups) => (&[], groups),
+                    };
+                let wanted_groups: HashSet<&str> = groups.iter().map(String::as_str).collect();
                 let wanted_contacts: HashSet<&str> =
                     addresses.iter().filter_map(|(c, _)| c.as_deref()).collect();
                 let wanted_urns: HashSet<&str> =
@@ -854,6 +984,14 @@ impl Dispatcher {
                         None => false,
                     };
                     if !same_text {
+                        continue;
+                    }
+                    if !wanted_groups.is_empty() {
+                        let named: HashSet<&str> =
+                            broadcast.groups.iter().map(|g| g.uuid.as_str()).collect();
+                        if named == wanted_groups {
+                            return Ok(broadcast.uuid);
+                        }
                         continue;
                     }
                     let contacts: HashSet<&str> =

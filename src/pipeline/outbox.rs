@@ -19,7 +19,8 @@ pub const BATCH_SYSTEM: &str = "http://mhero.org/fhir/identifier/dispatch-batch"
 pub const BROADCAST_SYSTEM: &str = "http://app.rapidpro.io/broadcast-uuid";
 pub const FLOW_START_SYSTEM: &str = "http://app.rapidpro.io/flow-start-uuid";
 /// How the recipient was addressed in RapidPro (sub-extensions `contact`
-/// and/or `urn`) and which delivery of the request this is (`delivery`).
+/// and/or `urn`, and `group` when the batch named RapidPro groups) and
+/// which delivery of the request this is (`delivery`).
 pub const ADDRESS_EXTENSION: &str =
     "http://mhero.org/fhir/StructureDefinition/mhero-rapidpro-address";
 pub const DELIVERY_EXTENSION: &str = "http://mhero.org/fhir/StructureDefinition/mhero-delivery";
@@ -43,8 +44,9 @@ pub fn communication_id(request_id: &str, delivery_key: &str, recipient_key: &st
 /// What the outbox entry records about the final outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Planned {
-    /// Written before the RapidPro call of batch `batch`.
-    Preparation { batch: String },
+    /// Written before the RapidPro call of batch `batch`; `groups` are the
+    /// RapidPro groups the call names instead of contacts, if any.
+    Preparation { batch: String, groups: Vec<String> },
     /// Not sent, and why.
     NotDone(String),
 }
@@ -125,10 +127,13 @@ pub fn communication(
         }
     }
     match planned {
-        Planned::Preparation { batch } => {
+        Planned::Preparation { batch, groups } => {
             communication["status"] = json!("preparation");
             push_identifier(&mut communication, BATCH_SYSTEM, batch);
-            let mut address = Vec::new();
+            let mut address: Vec<Value> = groups
+                .iter()
+                .map(|g| json!({ "url": "group", "valueString": g }))
+                .collect();
             if let Reach::Reachable { contact_uuid, urn } = &recipient.reach {
                 if let Some(uuid) = contact_uuid {
                     address.push(json!({ "url": "contact", "valueString": uuid }));
@@ -213,9 +218,18 @@ pub fn recipient_key(communication: &Value) -> Option<String> {
         .map(str::to_string)
 }
 
-/// The contact UUID and URN an outbox entry was (to be) sent to.
-pub fn address(communication: &Value) -> (Option<String>, Option<String>) {
-    let subs = communication
+/// The RapidPro groups an outbox entry's batch was (to be) sent to.
+pub fn groups(communication: &Value) -> Vec<String> {
+    address_parts(communication)
+        .iter()
+        .filter(|s| s.get("url").and_then(Value::as_str) == Some("group"))
+        .filter_map(|s| s.get("valueString").and_then(Value::as_str))
+        .map(str::to_string)
+        .collect()
+}
+
+fn address_parts(communication: &Value) -> Vec<Value> {
+    communication
         .get("extension")
         .and_then(Value::as_array)
         .into_iter()
@@ -224,7 +238,12 @@ pub fn address(communication: &Value) -> (Option<String>, Option<String>) {
         .and_then(|e| e.get("extension"))
         .and_then(Value::as_array)
         .cloned()
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// The contact UUID and URN an outbox entry was (to be) sent to.
+pub fn address(communication: &Value) -> (Option<String>, Option<String>) {
+    let subs = address_parts(communication);
     let get = |name: &str| {
         subs.iter()
             .find(|s| s.get("url").and_then(Value::as_str) == Some(name))
