@@ -122,6 +122,9 @@ pub struct Dispatcher {
     steps_seen: AtomicUsize,
 }
 
+/// How one recipient is addressed: (RapidPro contact uuid, URN).
+type ContactAddress = (Option<String>, Option<String>);
+
 /// Outbox entries written per transaction.
 const WRITE_CHUNK: usize = 500;
 
@@ -129,7 +132,7 @@ const WRITE_CHUNK: usize = 500;
 #[derive(Clone, Copy)]
 enum Target<'a> {
     /// `(contact uuid, urn)` per recipient; contacts preferred.
-    People(&'a [(Option<String>, Option<String>)]),
+    People(&'a [ContactAddress]),
     /// Whole RapidPro groups (their active members).
     Groups(&'a [String]),
 }
@@ -636,7 +639,7 @@ impl Dispatcher {
             versions.extend(self.write_all(chunk.to_vec()).await?);
         }
         self.reached(Step::BatchPrepared)?;
-        let addresses: Vec<(Option<String>, Option<String>)> = recipients
+        let addresses: Vec<ContactAddress> = recipients
             .iter()
             .map(|r| match Address::of(r) {
                 Some(Address::Contact(uuid)) => (Some(uuid), Address::urn_of(r)),
@@ -754,7 +757,7 @@ impl Dispatcher {
         batch: &str,
         target: Target<'_>,
     ) -> Result<BatchOutcome, DispatchError> {
-        let (addresses, groups): (&[(Option<String>, Option<String>)], Vec<String>) = match target {
+        let (addresses, groups): (&[ContactAddress], Vec<String>) = match target {
             Target::People(addresses) => (addresses, Vec::new()),
             Target::Groups(groups) => (&[], groups.to_vec()),
         };
@@ -822,7 +825,6 @@ impl Dispatcher {
                             restart_participants: *restart_participants,
                             exclude_active: *exclude_active,
                             params: Some(params),
-                            ..Default::default()
                         })
                         .await
                         .map(|s| s.uuid)
@@ -888,7 +890,7 @@ impl Dispatcher {
             let Some(delivery) = parsed.deliveries.iter().find(|d| d.key() == key) else {
                 continue;
             };
-            let addresses: Vec<(Option<String>, Option<String>)> = entries
+            let addresses: Vec<ContactAddress> = entries
                 .iter()
                 .map(|e| outbox::address(&e.resource))
                 .collect();
@@ -965,11 +967,10 @@ impl Dispatcher {
                 Ok(None)
             }
             Delivery::Message(text) => {
-                let (addresses, groups): (&[(Option<String>, Option<String>)], &[String]) =
-                    match target {
-                        Target::People(addresses) => (addresses, &[]),
-                        Target::Groups(groups) => (&[], groups),
-                    };
+                let (addresses, groups): (&[ContactAddress], &[String]) = match target {
+                    Target::People(addresses) => (addresses, &[]),
+                    Target::Groups(groups) => (&[], groups),
+                };
                 let wanted_groups: HashSet<&str> = groups.iter().map(String::as_str).collect();
                 let wanted_contacts: HashSet<&str> =
                     addresses.iter().filter_map(|(c, _)| c.as_deref()).collect();
