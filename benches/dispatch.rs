@@ -1,0 +1,277 @@
+//! Cost of sending one CommunicationRequest to N health workers
+//! (`Dispatcher::run_once`) end to end: the embedded store, the RapidPro
+//! client over real HTTP, and the RapidPro sandbox in a *separate process*
+//! (`mhero rapidpro-sandbox`, so its memory is not counted as the
+//! connector's) with 20 ms of latency on every call and the throttle out
+//! of the way.
+//!
+//! Run with `cargo bench --bench dispatch` (a release build). For each N it
+//! loads the sample country (`sample::locations`) and N Practitioners with
+//! one PractitionerRole each into a temporary SQLite store, writes one
+//! request addressed to the country's Location (so recipients are resolved
+//! through the location hierarchy and the roles, the mCSD way), resets the
+//! process's peak-RSS mark, and times one dispatcher pass from writing the
+//! request to every batch accepted by RapidPro.
+//!
+//! Reported per N: wall time and time per recipient, RapidPro calls by
+//! endpoint (must be ceil(N/100) broadcasts), FHIR resource versions
+//! written (from the store's history), process CPU time, and peak RSS of
+//! the connector during the pass. It checks the outcome (every recipient
+//! `in-progress`) and asserts nothing about time.
+//!
+//! Environment knobs:
+//! - `MHERO_BENCH_RECIPIENTS` (`10000,100000`): the N to run.
+//! - `MHERO_BENCH_LATENCY_MS` (20): sandbox latency per call.
+//! - `MHERO_BENCH_CONCURRENCY` (4): `messaging.max_concurrent_calls`.
+//! - `MHERO_BENCH_OUT` (unset): path of a JSON report.
+
+#[path = "support/machine.rs"]
+mod machine;
+use machine::{cpu_model, load_average, peak_rss_kib};
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Instant;
+
+use mhero::config::{Secret, Settings};
+use mhero::fhir::sample;
+use mhero::jobs::dispatch::Dispatcher;
+use mhero::pipeline::phone::PhoneNormalizer;
+use mhero::rapidpro::client::{ClientOptions, RapidProClient};
+use mhero::rapidpro::throttle::Throttle;
+use mhero::store::sqlite::SqliteStore;
+use mhero::store::{FhirStore, HistoryRequest, SearchRequest, SharedStore};
+use serde_json::{Value, json};
+
+const FACILITIES_PER_DISTRICT: usize = 4;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn process_cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// `mhero rapidpro-sandbox` in its own process; returns it and its base URL.
+fn start_sandbox(latency_ms: u64) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mhero"))
+        .args([
+            "rapidpro-sandbox",
+            "--listen",
+            "127.0.0.1:0",
+            "--throttle-rate",
+            "100000000/hour",
+            "--latency-ms",
+            &latency_ms.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the mhero binary runs the sandbox");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
+    let line = lines
+        .find(|l| l.contains("listening on"))
+        .expect("the sandbox prints its address");
+    let base = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap()
+        .trim_end_matches("/api/v2/")
+        .to_string();
+    std::thread::spawn(move || lines.count());
+    (child, base)
+}
+
+async fn load(store: &SqliteStore, people: usize) {
+    store
+        .process_bundle(sample::transaction(sample::locations(
+            FACILITIES_PER_DISTRICT,
+        )))
+        .await
+        .unwrap();
+    let facilities = sample::facility_ids(FACILITIES_PER_DISTRICT);
+    for first in (1..=people).step_by(500) {
+        let last = (first + 499).min(people);
+        let mut resources = Vec::with_capacity(1000);
+        for n in first..=last {
+            resources.push(sample::practitioner(n));
+            resources.push(sample::practitioner_role(n, &facilities));
+        }
+        store
+            .process_bundle(sample::transaction(resources))
+            .await
+            .unwrap();
+    }
+}
+
+/// Forget the peak RSS so far (Linux: `clear_refs` 5 resets VmHWM).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+async fn versions_since(store: &dyn FhirStore, since: chrono::DateTime<chrono::Utc>) -> u64 {
+    store
+        .history(HistoryRequest {
+            since: Some(since),
+            count: Some(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .total
+        .unwrap_or(0)
+}
+
+async fn calls_by_endpoint(base: &str) -> BTreeMap<String, usize> {
+    let calls: Value = reqwest::get(format!("{base}/_sandbox/calls"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut counts = BTreeMap::new();
+    for call in calls["calls"].as_array().into_iter().flatten() {
+        let key = format!(
+            "{} {}",
+            call["method"].as_str().unwrap_or("?"),
+            call["path"].as_str().unwrap_or("?")
+        );
+        *counts.entry(key).or_insert(0) += 1;
+    }
+    counts
+}
+
+async fn run(people: usize, latency_ms: u64, concurrency: usize) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = SqliteStore::open(&dir.path().join("fhir.sqlite"))
+        .await
+        .unwrap();
+    let load_started = Instant::now();
+    load(&sqlite, people).await;
+    let load_time = load_started.elapsed();
+    let store: SharedStore = Arc::new(sqlite);
+    let (mut sandbox, base) = start_sandbox(latency_ms);
+
+    mhero::install_tls_provider();
+    let client = RapidProClient::new(
+        &base.parse().unwrap(),
+        &Secret::new("sandbox-token"),
+        ClientOptions::default(),
+        Throttle::uniform(u32::MAX),
+    )
+    .unwrap();
+    let mut settings = Settings::load_from(None, Some(Default::default()))
+        .unwrap()
+        .messaging;
+    settings.max_concurrent_calls = concurrency;
+    let dispatcher = Dispatcher::new(
+        Arc::clone(&store),
+        client,
+        Arc::new(PhoneNormalizer::new(Some("LR")).unwrap()),
+        settings,
+    );
+
+    reset_peak_rss();
+    let cpu_before = process_cpu_s();
+    let since = chrono::Utc::now() - chrono::Duration::milliseconds(1);
+    let started = Instant::now();
+    store
+        .update(
+            "CommunicationRequest",
+            "bench",
+            json!({ "resourceType": "CommunicationRequest", "id": "bench", "status": "active",
+                "recipient": [{ "reference": "Location/LR" }],
+                "payload": [{ "contentString": "National alert: report suspected cases to the district team today." }] }),
+            None,
+        )
+        .await
+        .unwrap();
+    let report = dispatcher.run_once().await.unwrap();
+    let wall = started.elapsed();
+    let cpu = process_cpu_s() - cpu_before;
+    let peak_rss = peak_rss_kib();
+
+    assert_eq!(report.sent, people, "every recipient accepted: {report:?}");
+    let open = store
+        .search(SearchRequest {
+            resource_type: "Communication".into(),
+            params: vec![
+                ("status".into(), "in-progress".into()),
+                ("_summary".into(), "count".into()),
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .total;
+    assert_eq!(open, Some(people as u64));
+    let writes = versions_since(store.as_ref(), since).await;
+    let calls = calls_by_endpoint(&base).await;
+    let broadcasts = calls
+        .get("POST /api/v2/broadcasts.json")
+        .copied()
+        .unwrap_or(0);
+    let _ = sandbox.kill();
+    let _ = sandbox.wait();
+
+    let per_recipient_us = wall.as_secs_f64() * 1e6 / people as f64;
+    println!(
+        "N = {people:>7}: {wall:>8.2?} wall ({per_recipient_us:.0} µs/recipient), {cpu:.2} s CPU, \
+         {broadcasts} broadcasts (ceil(N/100) = {}), {writes} FHIR versions written, \
+         peak RSS {} MiB during the pass; load {load_time:.1?}; calls {calls:?}",
+        people.div_ceil(100),
+        peak_rss.map_or(0, |k| k / 1024),
+    );
+    json!({
+        "recipients": people,
+        "wall_s": wall.as_secs_f64(),
+        "per_recipient_us": per_recipient_us,
+        "cpu_s": cpu,
+        "broadcasts": broadcasts,
+        "expected_broadcasts": people.div_ceil(100),
+        "fhir_versions_written": writes,
+        "peak_rss_mib": peak_rss.map(|k| k / 1024),
+        "rapidpro_calls": calls,
+        "load_s": load_time.as_secs_f64(),
+    })
+}
+
+fn main() {
+    let recipients: Vec<usize> = std::env::var("MHERO_BENCH_RECIPIENTS")
+        .unwrap_or_else(|_| "10000,100000".into())
+        .split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .collect();
+    let latency_ms = env_usize("MHERO_BENCH_LATENCY_MS", 20) as u64;
+    let concurrency = env_usize("MHERO_BENCH_CONCURRENCY", 4);
+    println!(
+        "dispatch benchmark: sandbox latency {latency_ms} ms, {concurrency} calls in flight; CPU {}, load {:?}",
+        cpu_model(),
+        load_average()
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let results: Vec<Value> = recipients
+        .iter()
+        .map(|n| runtime.block_on(run(*n, latency_ms, concurrency)))
+        .collect();
+    if let Ok(path) = std::env::var("MHERO_BENCH_OUT") {
+        let report = json!({ "latency_ms": latency_ms, "concurrency": concurrency, "runs": results, "cpu": cpu_model() });
+        std::fs::write(path, serde_json::to_vec_pretty(&report).unwrap()).unwrap();
+    }
+}
