@@ -44,6 +44,9 @@ pub struct Application {
     address: SocketAddr,
     state: AppState,
     shutdown: CancellationToken,
+    /// The store did not answer at build time: load `fhir-profiles/` in
+    /// `run_until_stopped`, once it does.
+    profiles_pending: bool,
     /// The contact sync, the dispatcher and the flow sync, when RapidPro is
     /// configured.
     jobs: Option<RapidProJobs>,
@@ -130,12 +133,24 @@ impl Application {
             Some(url) => url.as_str().trim_end_matches('/').to_string(),
             None => format!("http://{address}"),
         };
-        let loaded = crate::fhir::profiles::load_profiles(store.as_ref()).await?;
-        tracing::info!(
-            written = loaded.written,
-            unchanged = loaded.unchanged,
-            "FHIR profiles loaded"
-        );
+        // A store that does not answer yet (HAPI starting) is no reason
+        // not to start: `serve` loads the profiles once it answers. A file
+        // the store refuses is.
+        let profiles_pending = match crate::fhir::profiles::load_profiles(store.as_ref()).await {
+            Ok(loaded) => {
+                tracing::info!(
+                    written = loaded.written,
+                    unchanged = loaded.unchanged,
+                    "FHIR profiles loaded"
+                );
+                false
+            }
+            Err(e) if e.unavailable => {
+                tracing::warn!(error = %e, "the FHIR store does not answer; the FHIR profiles will be loaded when it does");
+                true
+            }
+            Err(e) => return Err(e.into()),
+        };
         let store: SharedStore = Arc::new(MeteredStore::new(store));
         let jobs = rapidpro_jobs(&settings, &store)?;
         let state = AppState {
@@ -151,6 +166,7 @@ impl Application {
             address,
             state,
             shutdown: CancellationToken::new(),
+            profiles_pending,
             jobs,
         })
     }
@@ -187,6 +203,18 @@ impl Application {
         });
         tracing::info!(address = %self.address, fhir_base = %self.state.fhir_base, backend = self.state.store.backend_name(), "mHero connector listening");
         let jobs = TaskTracker::new();
+        if self.profiles_pending {
+            let store = Arc::clone(&self.state.store);
+            let cancel = token.clone();
+            jobs.spawn(async move {
+                crate::fhir::profiles::load_profiles_when_available(
+                    store.as_ref(),
+                    Duration::from_secs(1),
+                    cancel,
+                )
+                .await;
+            });
+        }
         if let Some(RapidProJobs {
             contact_sync,
             dispatch,

@@ -90,6 +90,9 @@ pub const PROFILE_FILES: &[(&str, &str)] = &[
 pub struct ProfileError {
     pub file: &'static str,
     pub reason: String,
+    /// The store did not answer (as opposed to refusing the file): worth
+    /// trying again later.
+    pub unavailable: bool,
 }
 
 /// What a load did.
@@ -106,7 +109,11 @@ pub fn parse_profile(
     file: &'static str,
     text: &str,
 ) -> Result<(String, String, Value), ProfileError> {
-    let error = |reason: String| ProfileError { file, reason };
+    let error = |reason: String| ProfileError {
+        file,
+        reason,
+        unavailable: false,
+    };
     let resource: Value =
         serde_json::from_str(text).map_err(|e| error(format!("not JSON: {e}")))?;
     let resource_type = crate::fhir::resource_types::validate_resource(&resource, None)
@@ -129,6 +136,7 @@ pub async fn load_profiles(store: &dyn FhirStore) -> Result<ProfilesLoaded, Prof
             .await
             .map_err(|e| ProfileError {
                 file,
+                unavailable: matches!(e, crate::store::StoreError::Unavailable { .. }),
                 reason: e.to_string(),
             })?;
         match outcome.kind {
@@ -137,6 +145,41 @@ pub async fn load_profiles(store: &dyn FhirStore) -> Result<ProfilesLoaded, Prof
         }
     }
     Ok(loaded)
+}
+
+/// [`load_profiles`] again until the store answers (waits doubling from
+/// `first_wait` up to a minute), or until `cancel`. For a store that was
+/// down at start-up; a file the store refuses ends the retries (logged).
+pub async fn load_profiles_when_available(
+    store: &dyn FhirStore,
+    first_wait: std::time::Duration,
+    cancel: tokio_util::sync::CancellationToken,
+) -> Option<ProfilesLoaded> {
+    let mut wait = first_wait;
+    loop {
+        match load_profiles(store).await {
+            Ok(loaded) => {
+                tracing::info!(
+                    written = loaded.written,
+                    unchanged = loaded.unchanged,
+                    "FHIR profiles loaded"
+                );
+                return Some(loaded);
+            }
+            Err(e) if e.unavailable => {
+                tracing::warn!(error = %e, "FHIR profiles not loaded yet; the store does not answer");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "FHIR profiles not loaded");
+                return None;
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return None,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(std::time::Duration::from_secs(60));
+    }
 }
 
 #[cfg(test)]
@@ -190,6 +233,29 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_store_that_does_not_answer_is_worth_retrying() {
+        crate::install_tls_provider();
+        let store = crate::store::http::HttpFhirStore::new(&crate::config::HttpFhirSettings {
+            base_url: Some(url::Url::parse("http://127.0.0.1:9/fhir").unwrap()),
+            username: None,
+            password: None,
+            bearer_token: None,
+            timeout_secs: 2,
+            max_retries: 0,
+        })
+        .unwrap();
+        let error = load_profiles(&store).await.unwrap_err();
+        assert!(error.unavailable, "{error}");
+        assert!(error.to_string().starts_with("fhir-profiles/"), "{error}");
+        let cancel = tokio_util::sync::CancellationToken::new();
+        cancel.cancel();
+        let retried =
+            load_profiles_when_available(&store, std::time::Duration::from_secs(3600), cancel)
+                .await;
+        assert!(retried.is_none(), "stops on shutdown");
     }
 
     #[test]
