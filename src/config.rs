@@ -233,6 +233,9 @@ pub struct MessagingSettings {
     pub instance_id: String,
     /// IANA time zone of cron schedules.
     pub schedule_time_zone: String,
+    /// Seconds between flow sync passes in `serve` (RapidPro flows ->
+    /// FHIR Basic).
+    pub flow_sync_interval_secs: u64,
 }
 
 impl MessagingSettings {
@@ -377,6 +380,7 @@ impl Settings {
         for (name, value) in [
             ("dispatch_interval_secs", messaging.dispatch_interval_secs),
             ("claim_lease_secs", messaging.claim_lease_secs),
+            ("flow_sync_interval_secs", messaging.flow_sync_interval_secs),
             (
                 "max_concurrent_calls",
                 messaging.max_concurrent_calls as u64,
@@ -507,6 +511,22 @@ mod tests {
             .unwrap_err();
         assert!(
             err.to_string().contains("rapidpro.rate_per_hour.runs"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_flow_sync_interval_defaults_to_five_minutes_and_is_at_least_one() {
+        let s = Settings::load_from(None, env(&[])).unwrap();
+        assert_eq!(s.messaging.flow_sync_interval_secs, 300);
+        let err = Settings::load_from(
+            None,
+            env(&[("MHERO__MESSAGING__FLOW_SYNC_INTERVAL_SECS", "0")]),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("messaging.flow_sync_interval_secs must be at least 1"),
             "{err}"
         );
     }

@@ -9,7 +9,8 @@
 //! - [`telemetry`]: tracing subscriber, JSON logs, phone masking.
 //! - [`error`]: `ApiError`, the only place errors become HTTP responses.
 //! - [`fhir`]: resource types, the search parameter table, index
-//!   extraction, Bundles, the CapabilityStatement.
+//!   extraction, Bundles, the CapabilityStatement, the conformance
+//!   resources of `fhir-profiles/` (loaded at start-up).
 //! - [`store`]: the `FhirStore` trait; `SqliteStore` (embedded) and
 //!   `HttpFhirStore` (HAPI or any FHIR R4 server).
 //! - [`api`]: axum routers: `/fhir`, health, metrics, authentication.
@@ -17,7 +18,8 @@
 //! - [`cli`]: the `import`, `check` and `demo` commands.
 //! - [`rapidpro`]: the RapidPro API v2 client and the RapidPro sandbox (in progress).
 //! - [`pipeline`]: phone normalisation and the person -> contact mapping (in progress).
-//! - [`jobs`]: background work from FHIR state (contact UUID write-back so far).
+//! - [`jobs`]: background work: the contact, group and flow syncs, the
+//!   messaging dispatcher, and the `serve` job runner.
 //!
 //! `docs/architecture.md` describes the design.
 

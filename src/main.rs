@@ -144,9 +144,17 @@ async fn main() -> ExitCode {
             if contacts != ExitCode::SUCCESS {
                 return contacts;
             }
-            sync_groups(&settings, full).await
+            let groups = sync_groups(&settings, full).await;
+            if groups != ExitCode::SUCCESS {
+                return groups;
+            }
+            sync_flows(&settings).await
         }
-        Command::Sync { .. } => not_yet("sync flows|messages|runs"),
+        Command::Sync {
+            what: SyncTarget::Flows,
+            ..
+        } => sync_flows(&settings).await,
+        Command::Sync { .. } => not_yet("sync messages|runs"),
         Command::Reindex => not_yet("reindex"),
         Command::Import { files } => import(settings, files).await,
         Command::Check => check(settings).await,
@@ -380,6 +388,27 @@ async fn sync_groups(settings: &Settings, full: bool) -> ExitCode {
         Ok(report) => {
             print!("{report}");
             if report.failures.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(mhero::cli::sync::SyncCommandError::Config(e)) => {
+            eprintln!("cannot sync: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("sync failed: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn sync_flows(settings: &Settings) -> ExitCode {
+    match mhero::cli::sync::sync_flows(settings).await {
+        Ok(report) => {
+            print!("{report}");
+            if report.skipped.is_empty() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)

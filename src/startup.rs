@@ -14,6 +14,7 @@ use crate::api::{self, AppState};
 use crate::config::{ConfigError, Settings};
 use crate::jobs::contact_sync::ContactSyncJob;
 use crate::jobs::dispatch::{DispatchJob, Dispatcher};
+use crate::jobs::flow_sync::FlowSyncJob;
 use crate::jobs::rapidpro_directory::RapidProDirectory;
 use crate::jobs::runner::{self, Nudge};
 use crate::pipeline::phone::PhoneNormalizer;
@@ -28,6 +29,9 @@ pub enum StartupError {
     Config(#[from] ConfigError),
     #[error("cannot open the FHIR store: {0}")]
     Store(#[from] StoreError),
+    /// A file of `fhir-profiles/` could not be written to the store.
+    #[error("cannot load the FHIR profiles: {0}")]
+    Profiles(#[from] crate::fhir::profiles::ProfileError),
     #[error("cannot listen on {address}: {source}")]
     Bind {
         address: SocketAddr,
@@ -40,7 +44,11 @@ pub struct Application {
     address: SocketAddr,
     state: AppState,
     shutdown: CancellationToken,
-    /// The contact sync and the dispatcher, when RapidPro is configured.
+    /// The store did not answer at build time: load `fhir-profiles/` in
+    /// `run_until_stopped`, once it does.
+    profiles_pending: bool,
+    /// The contact sync, the dispatcher and the flow sync, when RapidPro is
+    /// configured.
     jobs: Option<RapidProJobs>,
 }
 
@@ -49,6 +57,7 @@ pub struct Application {
 struct RapidProJobs {
     contact_sync: (Arc<ContactSyncJob>, Nudge),
     dispatch: (Arc<DispatchJob>, Nudge),
+    flow_sync: Arc<FlowSyncJob>,
 }
 
 /// The RapidPro jobs, if `rapidpro.base_url` and `rapidpro.token` are set.
@@ -77,6 +86,10 @@ fn rapidpro_jobs(
         Arc::new(phones.clone()),
         settings.messaging.clone(),
     );
+    let flow_sync = FlowSyncJob {
+        store: Arc::clone(store),
+        client: client.clone(),
+    };
     let contact_sync = ContactSyncJob {
         store: Arc::clone(store),
         client,
@@ -89,6 +102,7 @@ fn rapidpro_jobs(
     Ok(Some(RapidProJobs {
         contact_sync: (Arc::new(contact_sync), Nudge::default()),
         dispatch: (Arc::new(DispatchJob(dispatcher)), Nudge::default()),
+        flow_sync: Arc::new(flow_sync),
     }))
 }
 
@@ -100,7 +114,9 @@ impl Application {
         Self::build_with_store(settings, store).await
     }
 
-    /// Like [`Application::build`] with a store made by the caller.
+    /// Like [`Application::build`] with a store made by the caller. The
+    /// conformance resources of `fhir-profiles/` are written to the store
+    /// first (unchanged ones make no new version).
     pub async fn build_with_store(
         settings: Settings,
         store: SharedStore,
@@ -117,6 +133,24 @@ impl Application {
             Some(url) => url.as_str().trim_end_matches('/').to_string(),
             None => format!("http://{address}"),
         };
+        // A store that does not answer yet (HAPI starting) is no reason
+        // not to start: `serve` loads the profiles once it answers. A file
+        // the store refuses is.
+        let profiles_pending = match crate::fhir::profiles::load_profiles(store.as_ref()).await {
+            Ok(loaded) => {
+                tracing::info!(
+                    written = loaded.written,
+                    unchanged = loaded.unchanged,
+                    "FHIR profiles loaded"
+                );
+                false
+            }
+            Err(e) if e.unavailable => {
+                tracing::warn!(error = %e, "the FHIR store does not answer; the FHIR profiles will be loaded when it does");
+                true
+            }
+            Err(e) => return Err(e.into()),
+        };
         let store: SharedStore = Arc::new(MeteredStore::new(store));
         let jobs = rapidpro_jobs(&settings, &store)?;
         let state = AppState {
@@ -132,6 +166,7 @@ impl Application {
             address,
             state,
             shutdown: CancellationToken::new(),
+            profiles_pending,
             jobs,
         })
     }
@@ -168,9 +203,22 @@ impl Application {
         });
         tracing::info!(address = %self.address, fhir_base = %self.state.fhir_base, backend = self.state.store.backend_name(), "mHero connector listening");
         let jobs = TaskTracker::new();
+        if self.profiles_pending {
+            let store = Arc::clone(&self.state.store);
+            let cancel = token.clone();
+            jobs.spawn(async move {
+                crate::fhir::profiles::load_profiles_when_available(
+                    store.as_ref(),
+                    Duration::from_secs(1),
+                    cancel,
+                )
+                .await;
+            });
+        }
         if let Some(RapidProJobs {
             contact_sync,
             dispatch,
+            flow_sync,
         }) = self.jobs
         {
             let settings = &self.state.settings;
@@ -184,6 +232,9 @@ impl Application {
             );
             let interval = Duration::from_secs(settings.messaging.dispatch_interval_secs);
             runner::spawn(dispatch.0, interval, dispatch.1, token.clone(), &jobs);
+            // Nothing in the connector changes flows: no nudge, the interval only.
+            let interval = Duration::from_secs(settings.messaging.flow_sync_interval_secs);
+            runner::spawn(flow_sync, interval, Nudge::default(), token.clone(), &jobs);
         }
         jobs.close();
         let router = api::router(self.state);

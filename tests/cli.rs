@@ -305,3 +305,51 @@ fn sync_contacts_pushes_people_to_rapidpro_and_needs_it_configured() {
     );
     runtime.block_on(sandbox.shutdown()).unwrap();
 }
+
+#[test]
+fn sync_flows_writes_workflow_basics_and_messages_are_not_yet_available() {
+    let dir = tempfile::tempdir().unwrap();
+    let unconfigured = mhero(&dir).args(["sync", "flows"]).output().unwrap();
+    assert_eq!(unconfigured.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unconfigured.stderr).contains("rapidpro.base_url"));
+    let messages = mhero(&dir).args(["sync", "messages"]).output().unwrap();
+    assert_eq!(messages.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&messages.stderr).contains("not yet available"));
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let sandbox = runtime
+        .block_on(mhero::rapidpro::sandbox::SandboxServer::start(
+            Default::default(),
+        ))
+        .unwrap();
+    sandbox
+        .sandbox()
+        .load_flow_export(&common::fixture("rapidpro/flows/color_v13.json"))
+        .unwrap();
+    let sync = |target: &str| {
+        mhero(&dir)
+            .args(["sync", target])
+            .env("MHERO__RAPIDPRO__BASE_URL", sandbox.base_url())
+            .env("MHERO__RAPIDPRO__TOKEN", sandbox.token())
+            .env("MHERO__PHONE__DEFAULT_COUNTRY", "LR")
+            .output()
+            .unwrap()
+    };
+    let first = sync("flows");
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert!(first.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("flows: 1 read from RapidPro (0 archived): 1 created"),
+        "{stdout}"
+    );
+    let all = sync("all");
+    let stdout = String::from_utf8_lossy(&all.stdout);
+    assert!(all.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(
+            "flows: 1 read from RapidPro (0 archived): 0 created, 0 updated, 1 unchanged"
+        ),
+        "{stdout}"
+    );
+    runtime.block_on(sandbox.shutdown()).unwrap();
+}

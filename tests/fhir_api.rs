@@ -741,7 +741,11 @@ async fn type_and_system_history() {
         .unwrap();
     assert_eq!(rest["entry"].as_array().unwrap().len(), 1);
     let system = json_of(get(&app, "_history?_since=2020-01-01T00:00:00Z").await).await;
-    assert_eq!(system["total"], 3);
+    // The Organizations and the conformance resources loaded at start-up.
+    assert_eq!(
+        system["total"],
+        3 + mhero::fhir::profiles::PROFILE_FILES.len()
+    );
     assert_outcome(
         get(&app, "_history?_since=soon").await,
         StatusCode::BAD_REQUEST,

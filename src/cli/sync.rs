@@ -1,5 +1,5 @@
-//! `mhero sync contacts|groups|all [--full]`: one sync pass now, with a
-//! progress bar on a terminal and a summary.
+//! `mhero sync contacts|groups|flows|all [--full]`: one sync pass now,
+//! with a progress bar on a terminal and a summary.
 
 use std::io::IsTerminal;
 
@@ -8,6 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::config::Settings;
 use crate::jobs::contact_status_poll::{ContactStatusPoll, StatusPollReport};
 use crate::jobs::contact_sync::{ContactSync, SyncReport};
+use crate::jobs::flow_sync::{FlowSync, FlowSyncReport};
 use crate::jobs::group_sync::{GroupSync, GroupSyncReport};
 use crate::jobs::rapidpro_directory::RapidProDirectory;
 use crate::pipeline::phone::PhoneNormalizer;
@@ -52,6 +53,37 @@ pub async fn sync_groups(
     } else {
         sync.run_once().await
     };
+    report.map_err(|e| SyncCommandError::Runtime(e.to_string()))
+}
+
+/// The flow sync: every RapidPro flow -> a FHIR Basic (mHeroWorkflows).
+/// Every pass reads all flows, so `--full` changes nothing.
+pub async fn sync_flows(settings: &Settings) -> Result<FlowSyncReport, SyncCommandError> {
+    crate::install_tls_provider();
+    let client = RapidProClient::from_settings(
+        &settings.rapidpro,
+        Throttle::new(&settings.rapidpro.rate_per_hour),
+    )
+    .map_err(|e| SyncCommandError::Config(e.to_string()))?;
+    let store = open_store(&settings.fhir)
+        .await
+        .map_err(|e| SyncCommandError::Runtime(e.to_string()))?;
+    let progress = if std::io::stderr().is_terminal() {
+        ProgressBar::new_spinner()
+    } else {
+        ProgressBar::hidden()
+    };
+    progress.set_style(
+        ProgressStyle::with_template("{spinner} syncing flows: {pos} read from RapidPro")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    progress.enable_steady_tick(std::time::Duration::from_millis(120));
+    let sync = FlowSync {
+        store: store.as_ref(),
+        client: &client,
+    };
+    let report = sync.run_with_progress(&progress).await;
+    progress.finish_and_clear();
     report.map_err(|e| SyncCommandError::Runtime(e.to_string()))
 }
 

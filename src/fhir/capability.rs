@@ -4,6 +4,7 @@
 
 use serde_json::{Value, json};
 
+use super::profiles::SUPPORTED_PROFILES;
 use super::resource_types::SUPPORTED;
 use super::search_params::{COLUMN_PARAMS, INCLUDES, params_for};
 
@@ -45,7 +46,12 @@ pub fn capability_statement(base_url: &str) -> Value {
             .iter()
             .map(|code| json!({ "code": code }))
             .collect();
-            json!({
+            let profiles: Vec<&str> = SUPPORTED_PROFILES
+                .iter()
+                .filter(|(t, _)| t == resource_type)
+                .map(|(_, profile)| *profile)
+                .collect();
+            let mut resource = json!({
                 "type": resource_type,
                 "interaction": interactions,
                 "versioning": "versioned-update",
@@ -58,7 +64,11 @@ pub fn capability_statement(base_url: &str) -> Value {
                 "searchInclude": includes,
                 "searchRevInclude": rev_includes,
                 "searchParam": search_params
-            })
+            });
+            if !profiles.is_empty() {
+                resource["supportedProfile"] = json!(profiles);
+            }
+            resource
         })
         .collect();
     json!({
@@ -102,6 +112,12 @@ mod tests {
             .map(|p| p["name"].as_str().unwrap())
             .collect();
         assert!(names.contains(&"practitioner") && names.contains(&"_lastUpdated"));
+        let basic = resources.iter().find(|r| r["type"] == "Basic").unwrap();
+        assert_eq!(
+            basic["supportedProfile"],
+            json!([super::super::profiles::WORKFLOWS_PROFILE])
+        );
+        assert!(role.get("supportedProfile").is_none());
         assert_eq!(role["searchInclude"][0], "PractitionerRole:practitioner");
         let practitioner = resources
             .iter()

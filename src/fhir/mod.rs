@@ -1,10 +1,12 @@
 //! FHIR R4 helpers shared by the API and the stores: supported types and
 //! body checks, the search parameter table and index extraction, Bundle
-//! construction, the CapabilityStatement, and OperationOutcome values.
+//! construction, the CapabilityStatement, the conformance resources of
+//! `fhir-profiles/` (loaded at start-up), and OperationOutcome values.
 
 pub mod bundle;
 pub mod capability;
 pub mod extract;
+pub mod profiles;
 pub mod resource_types;
 pub mod sample;
 pub mod search_params;

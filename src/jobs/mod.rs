@@ -2,7 +2,8 @@
 //! exposes `run_once()` (tests drive it, never sleep) and `run(cancel)`.
 //! The contact and group syncs (`contact_sync`, `contact_status_poll`,
 //! `group_sync`, with `contact_writeback`, `rapidpro_directory`,
-//! `sync_status`), the messaging dispatcher (`dispatch`), durable job
+//! `sync_status`), the flow sync (`flow_sync`, RapidPro flows -> FHIR
+//! Basic), the messaging dispatcher (`dispatch`), durable job
 //! cursors (`cursor`) and the `serve` job runner (`runner`).
 
 pub mod contact_status;
@@ -11,6 +12,7 @@ pub mod contact_sync;
 pub mod contact_writeback;
 pub mod cursor;
 pub mod dispatch;
+pub mod flow_sync;
 pub mod group_sync;
 pub mod rapidpro_directory;
 pub mod runner;

@@ -111,6 +111,30 @@ pub fn load_export(inner: &mut Inner, export: &Value) -> Result<Vec<String>, Str
     Ok(uuids)
 }
 
+/// Archives (or unarchives) a flow the way the UI does; its `modified_on`
+/// moves. False when there is no such flow.
+pub fn set_archived(inner: &mut Inner, uuid: &str, archived: bool) -> bool {
+    let now = inner.now();
+    match inner.flows.iter_mut().find(|f| f.uuid == uuid) {
+        Some(flow) => {
+            if flow.archived != archived {
+                flow.archived = archived;
+                flow.modified_on = now;
+            }
+            true
+        }
+        None => false,
+    }
+}
+
+/// Deletes a flow the way the UI does: `flows.json` no longer lists it.
+/// False when there is no such flow.
+pub fn remove(inner: &mut Inner, uuid: &str) -> bool {
+    let before = inner.flows.len();
+    inner.flows.retain(|f| f.uuid != uuid);
+    inner.flows.len() != before
+}
+
 pub fn flow_json(inner: &Inner, f: &Flow) -> Value {
     let count = |exit: Option<&str>| {
         inner

@@ -274,6 +274,18 @@ impl Sandbox {
         flows::load_export(&mut self.lock(), export)
     }
 
+    /// Archives or unarchives a flow (the UI can, the API cannot). False
+    /// when there is no such flow.
+    pub fn set_flow_archived(&self, uuid: &str, archived: bool) -> bool {
+        flows::set_archived(&mut self.lock(), uuid, archived)
+    }
+
+    /// Deletes a flow (the UI can, the API cannot). False when there is no
+    /// such flow.
+    pub fn remove_flow(&self, uuid: &str) -> bool {
+        flows::remove(&mut self.lock(), uuid)
+    }
+
     /// Does what mailroom does after broadcast POSTs: every `pending`
     /// broadcast gets one outgoing message per recipient and becomes
     /// `completed` (`POST /_sandbox/tick`). Returns how many were processed.
