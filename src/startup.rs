@@ -57,7 +57,7 @@ pub struct Application {
 struct RapidProJobs {
     contact_sync: (Arc<ContactSyncJob>, Nudge),
     dispatch: (Arc<DispatchJob>, Nudge),
-    flow_sync: Arc<FlowSyncJob>,
+    flow_sync: (Arc<FlowSyncJob>, Nudge),
 }
 
 /// The RapidPro jobs, if `rapidpro.base_url` and `rapidpro.token` are set.
@@ -102,7 +102,7 @@ fn rapidpro_jobs(
     Ok(Some(RapidProJobs {
         contact_sync: (Arc::new(contact_sync), Nudge::default()),
         dispatch: (Arc::new(DispatchJob(dispatcher)), Nudge::default()),
-        flow_sync: Arc::new(flow_sync),
+        flow_sync: (Arc::new(flow_sync), Nudge::default()),
     }))
 }
 
@@ -160,6 +160,7 @@ impl Application {
             metrics: api::metrics::prometheus_handle(),
             contact_sync: jobs.as_ref().map(|j| j.contact_sync.1.clone()),
             dispatch: jobs.as_ref().map(|j| j.dispatch.1.clone()),
+            flow_sync: jobs.as_ref().map(|j| j.flow_sync.1.clone()),
         };
         Ok(Application {
             listener,
@@ -234,7 +235,7 @@ impl Application {
             runner::spawn(dispatch.0, interval, dispatch.1, token.clone(), &jobs);
             // Nothing in the connector changes flows: no nudge, the interval only.
             let interval = Duration::from_secs(settings.messaging.flow_sync_interval_secs);
-            runner::spawn(flow_sync, interval, Nudge::default(), token.clone(), &jobs);
+            runner::spawn(flow_sync.0, interval, flow_sync.1, token.clone(), &jobs);
         }
         jobs.close();
         let router = api::router(self.state);

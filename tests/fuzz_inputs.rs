@@ -36,6 +36,7 @@ fn harness() -> Harness {
         metrics: mhero::api::metrics::prometheus_handle(),
         contact_sync: None,
         dispatch: None,
+        flow_sync: None,
     };
     Harness {
         runtime,

@@ -25,6 +25,7 @@ async fn person_writes_nudge_the_contact_sync() {
         metrics: mhero::api::metrics::prometheus_handle(),
         contact_sync: Some(nudge.clone()),
         dispatch: None,
+        flow_sync: None,
     };
     let app = router(state);
     let send = |method: &str, uri: &str, body: &str| {

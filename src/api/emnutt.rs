@@ -391,6 +391,7 @@ async fn sync_trigger(
         ("syncContacts", state.contact_sync.as_ref()),
         ("syncContactsGroups", state.contact_sync.as_ref()),
         ("checkCommunicationRequest", state.dispatch.as_ref()),
+        ("syncWorkflows", state.flow_sync.as_ref()),
     ]);
     match nudges.get(job.as_str()) {
         Some(Some(nudge)) => {

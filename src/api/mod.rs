@@ -36,6 +36,8 @@ pub struct AppState {
     pub contact_sync: Option<crate::jobs::runner::Nudge>,
     /// Starts a dispatcher pass now (set when RapidPro is configured).
     pub dispatch: Option<crate::jobs::runner::Nudge>,
+    /// Starts a flow sync pass now (set when RapidPro is configured).
+    pub flow_sync: Option<crate::jobs::runner::Nudge>,
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
