@@ -216,6 +216,78 @@ fn by_status(outbox: &[Value]) -> HashMap<String, usize> {
     counts
 }
 
+/// R4's rules for what the connector writes: required elements present,
+/// codes from the value set, every extension with a url and either a value
+/// or sub-extensions (never both).
+fn assert_valid_r4(resource: &Value) {
+    fn extensions_ok(element: &Value) {
+        for ext in element["extension"].as_array().into_iter().flatten() {
+            assert!(ext["url"].is_string(), "extension without url: {ext}");
+            let values = ext
+                .as_object()
+                .unwrap()
+                .keys()
+                .filter(|k| k.starts_with("value"))
+                .count();
+            let has_subs = ext.get("extension").is_some();
+            assert!(
+                values + has_subs as usize == 1,
+                "extension needs one value or sub-extensions: {ext}"
+            );
+            extensions_ok(ext);
+        }
+    }
+    extensions_ok(resource);
+    match resource["resourceType"].as_str().unwrap() {
+        "Communication" => {
+            let status = resource["status"]
+                .as_str()
+                .expect("Communication.status is required");
+            assert!(
+                [
+                    "preparation",
+                    "in-progress",
+                    "not-done",
+                    "on-hold",
+                    "stopped",
+                    "completed",
+                    "entered-in-error",
+                    "unknown"
+                ]
+                .contains(&status),
+                "{status}"
+            );
+            for payload in resource["payload"].as_array().into_iter().flatten() {
+                assert!(
+                    payload
+                        .as_object()
+                        .unwrap()
+                        .keys()
+                        .any(|k| k.starts_with("content")),
+                    "payload.content[x] is required: {payload}"
+                );
+            }
+            if status == "not-done" {
+                assert!(resource["statusReason"]["text"].is_string(), "{resource}");
+            }
+            for contained in resource["contained"].as_array().into_iter().flatten() {
+                let reference = format!("#{}", contained["id"].as_str().unwrap());
+                assert!(
+                    resource.to_string().contains(&format!("\"{reference}\"")),
+                    "contained resources must be referenced"
+                );
+            }
+        }
+        "CommunicationRequest" => {
+            assert!(
+                resource["status"].is_string(),
+                "CommunicationRequest.status is required"
+            );
+        }
+        other => panic!("unexpected {other}"),
+    }
+}
+
 fn reason_of<'a>(outbox: &'a [Value], recipient: &str) -> &'a str {
     outbox
         .iter()
@@ -334,6 +406,14 @@ async fn a_district_message_reaches_every_health_worker_below_it_once() {
             c["payload"][0]["contentString"],
             "Ebola preparedness meeting at 10:00"
         );
+    }
+    let request = world
+        .store
+        .read("CommunicationRequest", "district")
+        .await
+        .unwrap();
+    for resource in outbox.iter().chain([&request.resource]) {
+        assert_valid_r4(resource);
     }
     let messages = world.messages_per_urn();
     assert_eq!(messages.len(), expected.len());
@@ -467,6 +547,7 @@ async fn unreachable_people_get_a_not_done_entry_with_a_reason() {
         reason_of(&outbox, "Practitioner/bad-phone").starts_with("invalid phone number"),
         "{outbox:?}"
     );
+    outbox.iter().for_each(assert_valid_r4);
     let visitor = outbox
         .iter()
         .find(|c| c["recipient"][0]["reference"] == "#visitor")
