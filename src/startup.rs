@@ -16,6 +16,7 @@ use crate::jobs::contact_sync::ContactSyncJob;
 use crate::jobs::dispatch::{DispatchJob, Dispatcher};
 use crate::jobs::rapidpro_directory::RapidProDirectory;
 use crate::jobs::runner::{self, Nudge};
+use crate::jobs::schedule::{ScheduleJob, Scheduler};
 use crate::pipeline::phone::PhoneNormalizer;
 use crate::rapidpro::client::RapidProClient;
 use crate::rapidpro::throttle::Throttle;
@@ -49,6 +50,8 @@ pub struct Application {
 struct RapidProJobs {
     contact_sync: (Arc<ContactSyncJob>, Nudge),
     dispatch: (Arc<DispatchJob>, Nudge),
+    /// Creates the requests of due cron firings; nudges `dispatch`.
+    schedule: Arc<ScheduleJob>,
 }
 
 /// The RapidPro jobs, if `rapidpro.base_url` and `rapidpro.token` are set.
@@ -86,9 +89,18 @@ fn rapidpro_jobs(
         poll_overlap: chrono::Duration::seconds(rapidpro.contact_poll_overlap_secs as i64),
         groups_source: settings.groups.source,
     };
+    let dispatch_nudge = Nudge::default();
+    let schedule = ScheduleJob {
+        scheduler: Scheduler {
+            store: Arc::clone(store),
+            settings: settings.messaging.clone(),
+        },
+        dispatch: Some(dispatch_nudge.clone()),
+    };
     Ok(Some(RapidProJobs {
         contact_sync: (Arc::new(contact_sync), Nudge::default()),
-        dispatch: (Arc::new(DispatchJob(dispatcher)), Nudge::default()),
+        dispatch: (Arc::new(DispatchJob(dispatcher)), dispatch_nudge),
+        schedule: Arc::new(schedule),
     }))
 }
 
@@ -171,6 +183,7 @@ impl Application {
         if let Some(RapidProJobs {
             contact_sync,
             dispatch,
+            schedule,
         }) = self.jobs
         {
             let settings = &self.state.settings;
@@ -184,6 +197,8 @@ impl Application {
             );
             let interval = Duration::from_secs(settings.messaging.dispatch_interval_secs);
             runner::spawn(dispatch.0, interval, dispatch.1, token.clone(), &jobs);
+            let interval = Duration::from_secs(settings.messaging.schedule_interval_secs);
+            runner::spawn(schedule, interval, Nudge::default(), token.clone(), &jobs);
         }
         jobs.close();
         let router = api::router(self.state);

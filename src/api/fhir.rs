@@ -1,7 +1,8 @@
 //! The FHIR R4 REST routes under `/fhir`: metadata, create, read, vread,
 //! update (plain and conditional), delete, search (GET and `POST
-//! _search`), history, and batch/transaction at the base. The same
-//! handlers serve both store backends.
+//! _search`), history, batch/transaction at the base, and the operation
+//! `CommunicationRequest/{id}/$cancel`. The same handlers serve both store
+//! backends.
 
 use axum::Router;
 use axum::body::Bytes;
@@ -37,6 +38,7 @@ pub fn routes(state: AppState) -> Router {
             get(read).put(update).delete(delete),
         )
         .route("/fhir/{resource_type}/{id}/_history", get(instance_history))
+        .route("/fhir/CommunicationRequest/{id}/$cancel", post(cancel))
         .route(
             "/fhir/{resource_type}/{id}/_history/{version_id}",
             get(vread),
@@ -346,6 +348,16 @@ async fn read(
     Path((resource_type, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let stored = state.store.read(&resource_type, &id).await?;
+    Ok(resource_response(StatusCode::OK, &stored))
+}
+
+/// `POST CommunicationRequest/{id}/$cancel`: the request `revoked` (and a
+/// schedule's unsent firings with it); 409 if it is already completed.
+async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let stored = crate::jobs::schedule::cancel_request(state.store.as_ref(), &id).await?;
     Ok(resource_response(StatusCode::OK, &stored))
 }
 

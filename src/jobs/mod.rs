@@ -2,7 +2,8 @@
 //! exposes `run_once()` (tests drive it, never sleep) and `run(cancel)`.
 //! The contact and group syncs (`contact_sync`, `contact_status_poll`,
 //! `group_sync`, with `contact_writeback`, `rapidpro_directory`,
-//! `sync_status`), the messaging dispatcher (`dispatch`), durable job
+//! `sync_status`), the messaging dispatcher (`dispatch`), the cron
+//! scheduler and `$cancel` (`schedule`), durable job
 //! cursors (`cursor`) and the `serve` job runner (`runner`).
 
 pub mod contact_status;
@@ -14,4 +15,5 @@ pub mod dispatch;
 pub mod group_sync;
 pub mod rapidpro_directory;
 pub mod runner;
+pub mod schedule;
 pub mod sync_status;
