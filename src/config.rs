@@ -613,7 +613,10 @@ mod tests {
             ]),
         )
         .unwrap();
-        assert_eq!(s.messaging.time_zone().unwrap(), chrono_tz::Africa::Monrovia);
+        assert_eq!(
+            s.messaging.time_zone().unwrap(),
+            chrono_tz::Africa::Monrovia
+        );
         assert_eq!(s.messaging.missed_firings, MissedFirings::Skip);
         let err = Settings::load_from(
             None,

@@ -38,8 +38,8 @@ use crate::jobs::runner::Nudge;
 use crate::pipeline::outbox::{DISPATCH_EXTENSION, DispatchState};
 use crate::pipeline::request::{MessageRequest, SCHEDULE_EXTENSION, parse_date_time};
 use crate::store::{
-    FhirStore, SharedStore, StoreError, StoredResource, escape_search_value, modify_resource,
-    search_all,
+    FhirStore, SharedStore, StoreError, StoredResource, WriteKind, escape_search_value,
+    modify_resource, search_all,
 };
 
 /// Where a schedule parent stands: sub-extension `lastFired` (valueInstant).
@@ -287,10 +287,17 @@ impl Scheduler {
                 // one was deleted on purpose and is not made again.
                 Ok(_) | Err(StoreError::Gone { .. }) => report.already_fired += 1,
                 Err(StoreError::NotFound { .. }) => {
-                    self.store
+                    // Another replica may write the same firing at the same
+                    // moment: the same id and content, so one version.
+                    let written = self
+                        .store
                         .update("CommunicationRequest", &id, child, None)
                         .await?;
-                    report.fired += 1;
+                    if written.kind == WriteKind::Created {
+                        report.fired += 1;
+                    } else {
+                        report.already_fired += 1;
+                    }
                     child_id = Some(id);
                 }
                 Err(other) => return Err(other.into()),
@@ -310,8 +317,10 @@ impl Scheduler {
             report.conflicts += 1;
             // Cancelled meanwhile? Then the firing just created is too.
             let current = self.store.read("CommunicationRequest", &stored.id).await?;
-            if !matches!(current.resource["status"].as_str(), Some("active" | "on-hold"))
-                && let Some(id) = child_id
+            if !matches!(
+                current.resource["status"].as_str(),
+                Some("active" | "on-hold")
+            ) && let Some(id) = child_id
             {
                 revoke_if_unsent(self.store.as_ref(), &id).await?;
             }
@@ -393,8 +402,8 @@ impl Scheduler {
 /// Sets an active request `revoked` unless its dispatch is over.
 async fn revoke_if_unsent(store: &dyn FhirStore, id: &str) -> Result<bool, StoreError> {
     let revoked = modify_resource(store, "CommunicationRequest", id, |current| {
-        let unsent = current["status"] == "active"
-            && DispatchState::read(current).phase != "dispatched";
+        let unsent =
+            current["status"] == "active" && DispatchState::read(current).phase != "dispatched";
         unsent.then(|| {
             let mut updated = current.clone();
             updated["status"] = json!("revoked");
@@ -544,7 +553,10 @@ mod tests {
         assert_eq!(child["status"], "active");
         assert_eq!(child["basedOn"][0]["reference"], "CommunicationRequest/p");
         assert_eq!(child["occurrenceDateTime"], "2026-03-02T08:00:00.000Z");
-        assert_eq!(child["extension"], json!([{"url": "other", "valueString": "kept"}]));
+        assert_eq!(
+            child["extension"],
+            json!([{"url": "other", "valueString": "kept"}])
+        );
         for gone in ["meta", "identifier", "occurrencePeriod"] {
             assert!(child.get(gone).is_none(), "{gone}");
         }

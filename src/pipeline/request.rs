@@ -877,8 +877,10 @@ mod tests {
     #[test]
     fn cron_expressions_are_checked_at_intake() {
         let with_cron = |expression: &str| {
-            request(json!({"extension": [{"url": SCHEDULE_EXTENSION, "extension": [
-                {"url": "cronExpression", "valueString": expression}]}]}))
+            request(
+                json!({"extension": [{"url": SCHEDULE_EXTENSION, "extension": [
+                {"url": "cronExpression", "valueString": expression}]}]}),
+            )
         };
         // iHRIS's "send once later", node-cron's 6 fields, names and steps.
         for good in ["06 14 05 09 *", "30 0 8 * * MON", "*/15 8-17 * * 1-5"] {
