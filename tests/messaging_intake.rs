@@ -44,11 +44,26 @@ async fn unsendable_requests_are_422_naming_the_problem_and_not_stored() {
     let cases = [
         (json!({ "recipient": null }), "recipient is missing"),
         (json!({ "payload": null }), "payload is missing"),
-        (json!({ "payload": [{ "contentString": "" }] }), "payload[0].contentString is empty"),
-        (json!({ "payload": [{ "contentReference": { "reference": "Basic/survey" } }] }), "does not name a flow"),
-        (json!({ "recipient": [{ "reference": "Observation/o1" }] }), "recipient[0] 'Observation/o1'"),
-        (json!({ "recipient": [{ "reference": "#ghost" }] }), "names no contained resource"),
-        (json!({ "occurrenceDateTime": "next week" }), "occurrenceDateTime"),
+        (
+            json!({ "payload": [{ "contentString": "" }] }),
+            "payload[0].contentString is empty",
+        ),
+        (
+            json!({ "payload": [{ "contentReference": { "reference": "Basic/survey" } }] }),
+            "does not name a flow",
+        ),
+        (
+            json!({ "recipient": [{ "reference": "Observation/o1" }] }),
+            "recipient[0] 'Observation/o1'",
+        ),
+        (
+            json!({ "recipient": [{ "reference": "#ghost" }] }),
+            "names no contained resource",
+        ),
+        (
+            json!({ "occurrenceDateTime": "next week" }),
+            "occurrenceDateTime",
+        ),
     ];
     for (extra, expected) in cases {
         let response = app
@@ -82,19 +97,39 @@ async fn unsendable_requests_are_422_naming_the_problem_and_not_stored() {
             { "resource": request(json!({ "payload": [{ "contentAttachment": {} }] })), "request": { "method": "POST", "url": "CommunicationRequest" } }
         ]
     });
-    let response = app.client.post(app.url("")).json(&bundle).send().await.unwrap();
+    let response = app
+        .client
+        .post(app.url(""))
+        .json(&bundle)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 422);
     let outcome: Value = response.json().await.unwrap();
     let text = outcome["issue"][0]["diagnostics"].as_str().unwrap();
-    assert!(text.contains("entry 2") && text.contains("contentAttachment.url is missing"), "{text}");
+    assert!(
+        text.contains("entry 2") && text.contains("contentAttachment.url is missing"),
+        "{text}"
+    );
     assert_eq!(count_requests(&app).await, 0);
-    let practitioner = app.client.get(app.url("Practitioner/p1")).send().await.unwrap();
-    assert_eq!(practitioner.status(), 404, "nothing of the transaction was written");
+    let practitioner = app
+        .client
+        .get(app.url("Practitioner/p1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        practitioner.status(),
+        404,
+        "nothing of the transaction was written"
+    );
     // A record (not actionable) is stored as it is.
     let response = app
         .client
         .post(app.url("CommunicationRequest"))
-        .json(&request(json!({ "status": "completed", "recipient": null })))
+        .json(&request(
+            json!({ "status": "completed", "recipient": null }),
+        ))
         .send()
         .await
         .unwrap();
