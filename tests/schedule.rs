@@ -720,3 +720,86 @@ async fn the_api_refuses_bad_cron_and_cancels_with_the_fhir_operation() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn without_authored_on_the_first_firing_follows_the_first_version() {
+    let world = World::new(1, &[]).await;
+    let body = json!({
+        "resourceType": "CommunicationRequest", "id": "fresh", "status": "active",
+        "recipient": [{ "reference": "Group/everyone" }],
+        "payload": [{ "contentString": "Daily check-in" }],
+        "extension": [{ "url": SCHEDULE_EXTENSION, "extension": [
+            { "url": "cronExpression", "valueString": "0 9 * * *" }]}]
+    });
+    let first = world
+        .store
+        .update("CommunicationRequest", "fresh", body, None)
+        .await
+        .unwrap()
+        .stored;
+    let stored_at = first.last_updated;
+    let mut next = stored_at
+        .date_naive()
+        .and_hms_opt(9, 0, 0)
+        .unwrap()
+        .and_utc();
+    if next <= stored_at {
+        next += chrono::Duration::days(1);
+    }
+    let report = world
+        .scheduler()
+        .run_at(next - chrono::Duration::seconds(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        report.fired, 0,
+        "nothing before the first 09:00 after storage"
+    );
+    let report = world
+        .scheduler()
+        .run_at(next + chrono::Duration::seconds(5))
+        .await
+        .unwrap();
+    assert_eq!(report.fired, 1, "{report:?}");
+    let children = world.children("fresh").await;
+    assert_eq!(
+        occurrences(&children),
+        [mhero::fhir::format_instant(&next).as_str()]
+    );
+}
+
+#[tokio::test]
+async fn a_client_rewriting_the_parent_without_the_schedule_state_sends_nothing_twice() {
+    let world = World::new(1, &[]).await;
+    world
+        .request(
+            "daily",
+            "2026-03-01T00:00:00Z",
+            Some(("0 9 * * *", "recurring")),
+        )
+        .await;
+    world
+        .scheduler()
+        .run_at(at("2026-03-01T09:00:10Z"))
+        .await
+        .unwrap();
+    // iHRIS PUTs its own copy back: no schedule state, status active.
+    world
+        .request(
+            "daily",
+            "2026-03-01T00:00:00Z",
+            Some(("0 9 * * *", "recurring")),
+        )
+        .await;
+    assert_eq!(last_fired(&world.read("daily").await), None);
+    let report = world
+        .scheduler()
+        .run_at(at("2026-03-01T12:00:00Z"))
+        .await
+        .unwrap();
+    assert_eq!((report.fired, report.already_fired), (0, 1), "{report:?}");
+    assert_eq!(world.children("daily").await.len(), 1);
+    let parent = world.read("daily").await;
+    assert_eq!(parent["status"], "on-hold");
+    assert_eq!(last_fired(&parent), Some(at("2026-03-01T09:00:00Z")));
+}
