@@ -803,3 +803,55 @@ async fn a_client_rewriting_the_parent_without_the_schedule_state_sends_nothing_
     assert_eq!(parent["status"], "on-hold");
     assert_eq!(last_fired(&parent), Some(at("2026-03-01T09:00:00Z")));
 }
+
+#[tokio::test]
+async fn a_firing_created_while_its_schedule_was_cancelled_is_revoked_by_the_next_pass() {
+    let world = World::new(1, &[]).await;
+    world
+        .request(
+            "daily",
+            "2026-03-01T00:00:00Z",
+            Some(("0 9 * * *", "recurring")),
+        )
+        .await;
+    // A scheduler read the parent, then the cancel ran (no firing yet to
+    // revoke), then the scheduler wrote its firing and died.
+    let before_cancel = world
+        .store
+        .read("CommunicationRequest", "daily")
+        .await
+        .unwrap();
+    cancel_request(world.store.as_ref(), "daily").await.unwrap();
+    let child = firing_request(&before_cancel, at("2026-03-01T09:00:00Z"));
+    let child_id = child["id"].as_str().unwrap().to_string();
+    world
+        .store
+        .update("CommunicationRequest", &child_id, child, None)
+        .await
+        .unwrap();
+    // A plain request based on another one is none of the scheduler's business.
+    world.request("plain", "2026-03-01T00:00:00Z", None).await;
+    let mut plain = world.read("plain").await;
+    plain["basedOn"] = json!([{ "reference": "CommunicationRequest/daily" }]);
+    world
+        .store
+        .update("CommunicationRequest", "plain", plain, None)
+        .await
+        .unwrap();
+
+    let report = world
+        .scheduler()
+        .run_at(at("2026-03-01T09:00:30Z"))
+        .await
+        .unwrap();
+    assert_eq!((report.revoked, report.fired), (1, 0), "{report:?}");
+    assert_eq!(world.read(&child_id).await["status"], "revoked");
+    assert_eq!(world.read("plain").await["status"], "active");
+    world
+        .dispatcher()
+        .await
+        .run_at(at("2026-03-01T09:00:40Z"))
+        .await
+        .unwrap();
+    assert!(world.outbox(&child_id).await.is_empty());
+}

@@ -25,7 +25,9 @@
 //! only one parent update wins. Firings found more than
 //! `messaging.missed_firing_grace_secs` late were missed (the connector was
 //! down): `messaging.missed_firings` says whether they become one late
-//! firing (`send-once`) or none (`skip`). See `docs/scheduling.md`.
+//! firing (`send-once`) or none (`skip`). Each pass also revokes unsent
+//! firings whose parent was cancelled while they were being created.
+//! See `docs/scheduling.md`.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -77,6 +79,8 @@ pub struct ScheduleReport {
     pub conflicts: usize,
     /// Parents that failed this pass (tried again next pass).
     pub failed: usize,
+    /// Unsent firings revoked because their schedule was cancelled.
+    pub revoked: usize,
 }
 
 impl ScheduleReport {
@@ -89,6 +93,7 @@ impl ScheduleReport {
         self.completed += other.completed;
         self.conflicts += other.conflicts;
         self.failed += other.failed;
+        self.revoked += other.revoked;
     }
 }
 
@@ -215,7 +220,19 @@ impl Scheduler {
         .await?;
         let mut report = ScheduleReport::default();
         let mut first_error = None;
-        for stored in requests.into_iter().filter(|s| has_schedule(&s.resource)) {
+        let (parents, others): (Vec<_>, Vec<_>) = requests
+            .into_iter()
+            .partition(|s| has_schedule(&s.resource));
+        for (firing, parent_id) in others.iter().filter_map(unsent_firing) {
+            match self.revoke_if_parent_revoked(firing, &parent_id).await {
+                Ok(true) => report.revoked += 1,
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(request = %firing.reference(), %error, "could not check the schedule of a firing; will try again");
+                }
+            }
+        }
+        for stored in parents {
             let reference = stored.reference();
             report.parents += 1;
             match self.process(stored, time_zone, now).await {
@@ -328,6 +345,28 @@ impl Scheduler {
         Ok(report)
     }
 
+    /// A firing created while its schedule was being cancelled (the
+    /// scheduler died before it could see the cancel): revoked now, unless
+    /// it was dispatched.
+    async fn revoke_if_parent_revoked(
+        &self,
+        firing: &StoredResource,
+        parent_id: &str,
+    ) -> Result<bool, StoreError> {
+        let parent = match self.store.read("CommunicationRequest", parent_id).await {
+            Ok(parent) => parent,
+            Err(StoreError::NotFound { .. } | StoreError::Gone { .. }) => return Ok(false),
+            Err(other) => return Err(other),
+        };
+        if !matches!(
+            parent.resource["status"].as_str(),
+            Some("revoked" | "entered-in-error")
+        ) {
+            return Ok(false);
+        }
+        revoke_if_unsent(self.store.as_ref(), &firing.id).await
+    }
+
     /// `false` when another writer changed the parent first.
     async fn write_parent(
         &self,
@@ -397,6 +436,24 @@ impl Scheduler {
             MissedFirings::Skip => Due::Skip(latest),
         }
     }
+}
+
+/// An active firing request not dispatched yet, with its parent's id: its
+/// id is the one the scheduler gives the firing at its `occurrenceDateTime`.
+fn unsent_firing(stored: &StoredResource) -> Option<(&StoredResource, String)> {
+    let resource = &stored.resource;
+    if resource["status"] != "active" || DispatchState::read(resource).phase == "dispatched" {
+        return None;
+    }
+    let parent_id = resource
+        .pointer("/basedOn/0/reference")?
+        .as_str()?
+        .strip_prefix("CommunicationRequest/")?;
+    let firing = resource
+        .get("occurrenceDateTime")?
+        .as_str()
+        .and_then(parse_date_time)?;
+    (firing_id(parent_id, firing) == stored.id).then(|| (stored, parent_id.to_string()))
 }
 
 /// Sets an active request `revoked` unless its dispatch is over.
@@ -506,13 +563,14 @@ impl super::runner::Job for ScheduleJob {
             nudge.nudge();
         }
         Ok(format!(
-            "{} schedules, {} fired, {} already fired, {} skipped, {} completed, {} conflicts",
+            "{} schedules, {} fired, {} already fired, {} skipped, {} completed, {} conflicts, {} cancelled firings revoked",
             report.parents,
             report.fired,
             report.already_fired,
             report.skipped,
             report.completed,
-            report.conflicts
+            report.conflicts,
+            report.revoked
         ))
     }
 }
