@@ -236,9 +236,36 @@ pub struct MessagingSettings {
     /// Seconds between flow sync passes in `serve` (RapidPro flows ->
     /// FHIR Basic).
     pub flow_sync_interval_secs: u64,
+    /// Seconds between scheduler passes in `serve`.
+    pub schedule_interval_secs: u64,
+    /// What to do with firings that fell while the connector was down.
+    pub missed_firings: MissedFirings,
+    /// A firing found this many seconds after its time counts as missed.
+    pub missed_firing_grace_secs: u64,
+}
+
+/// What the scheduler does with firings it finds long past their time
+/// (the connector was down): see `docs/scheduling.md`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum MissedFirings {
+    /// All missed firings together become one late firing.
+    SendOnce,
+    /// Missed firings are not sent; the schedule waits for its next time.
+    Skip,
 }
 
 impl MessagingSettings {
+    /// `schedule_time_zone`, read (validated at load).
+    pub fn time_zone(&self) -> Result<chrono_tz::Tz, ConfigError> {
+        self.schedule_time_zone.trim().parse().map_err(|_| {
+            ConfigError(format!(
+                "messaging.schedule_time_zone {:?} is not an IANA time zone name such as \"Africa/Monrovia\" or \"UTC\"",
+                self.schedule_time_zone
+            ))
+        })
+    }
+
     /// The name this replica writes into its claims.
     pub fn instance_name(&self) -> String {
         if self.instance_id.trim().is_empty() {
@@ -381,6 +408,7 @@ impl Settings {
             ("dispatch_interval_secs", messaging.dispatch_interval_secs),
             ("claim_lease_secs", messaging.claim_lease_secs),
             ("flow_sync_interval_secs", messaging.flow_sync_interval_secs),
+            ("schedule_interval_secs", messaging.schedule_interval_secs),
             (
                 "max_concurrent_calls",
                 messaging.max_concurrent_calls as u64,
@@ -390,6 +418,7 @@ impl Settings {
                 return Err(ConfigError(format!("messaging.{name} must be at least 1")));
             }
         }
+        messaging.time_zone()?;
         if self.server.max_body_bytes == 0 {
             return Err(ConfigError(
                 "server.max_body_bytes must be at least 1".into(),
@@ -589,6 +618,41 @@ mod tests {
         .unwrap();
         let err = Settings::load_from(Some(&path), env(&[])).unwrap_err();
         assert!(err.to_string().contains("signal"), "{err}");
+    }
+
+    #[test]
+    fn schedule_settings_are_read_and_checked() {
+        let s = Settings::load_from(None, env(&[])).unwrap();
+        assert_eq!(s.messaging.missed_firings, MissedFirings::SendOnce);
+        assert_eq!(s.messaging.time_zone().unwrap(), chrono_tz::UTC);
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("MHERO__MESSAGING__SCHEDULE_TIME_ZONE", "Africa/Monrovia"),
+                ("MHERO__MESSAGING__MISSED_FIRINGS", "skip"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            s.messaging.time_zone().unwrap(),
+            chrono_tz::Africa::Monrovia
+        );
+        assert_eq!(s.messaging.missed_firings, MissedFirings::Skip);
+        let err = Settings::load_from(
+            None,
+            env(&[("MHERO__MESSAGING__SCHEDULE_TIME_ZONE", "Liberia/Monrovia")]),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("messaging.schedule_time_zone"),
+            "{err}"
+        );
+        let err = Settings::load_from(
+            None,
+            env(&[("MHERO__MESSAGING__MISSED_FIRINGS", "resend-all")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("resend-all"), "{err}");
     }
 
     #[test]

@@ -34,6 +34,17 @@ pub enum ApiError {
     ServiceUnavailable(String),
 }
 
+impl From<crate::jobs::schedule::CancelError> for ApiError {
+    fn from(error: crate::jobs::schedule::CancelError) -> Self {
+        use crate::jobs::schedule::CancelError;
+        match error {
+            CancelError::NotFound(_) => ApiError::NotFound(error.to_string()),
+            CancelError::Final { .. } => ApiError::Store(StoreError::Conflict(error.to_string())),
+            CancelError::Store(store) => ApiError::Store(store),
+        }
+    }
+}
+
 /// FHIR IssueType code and HTTP status of a store error.
 fn classify_store(error: &StoreError) -> (StatusCode, &'static str) {
     match error {

@@ -17,6 +17,7 @@ use crate::jobs::dispatch::{DispatchJob, Dispatcher};
 use crate::jobs::flow_sync::FlowSyncJob;
 use crate::jobs::rapidpro_directory::RapidProDirectory;
 use crate::jobs::runner::{self, Nudge};
+use crate::jobs::schedule::{ScheduleJob, Scheduler};
 use crate::pipeline::phone::PhoneNormalizer;
 use crate::rapidpro::client::RapidProClient;
 use crate::rapidpro::throttle::Throttle;
@@ -58,6 +59,8 @@ struct RapidProJobs {
     contact_sync: (Arc<ContactSyncJob>, Nudge),
     dispatch: (Arc<DispatchJob>, Nudge),
     flow_sync: (Arc<FlowSyncJob>, Nudge),
+    /// Creates the requests of due cron firings; nudges `dispatch`.
+    schedule: (Arc<ScheduleJob>, Nudge),
 }
 
 /// The RapidPro jobs, if `rapidpro.base_url` and `rapidpro.token` are set.
@@ -99,10 +102,19 @@ fn rapidpro_jobs(
         poll_overlap: chrono::Duration::seconds(rapidpro.contact_poll_overlap_secs as i64),
         groups_source: settings.groups.source,
     };
+    let dispatch_nudge = Nudge::default();
+    let schedule = ScheduleJob {
+        scheduler: Scheduler {
+            store: Arc::clone(store),
+            settings: settings.messaging.clone(),
+        },
+        dispatch: Some(dispatch_nudge.clone()),
+    };
     Ok(Some(RapidProJobs {
         contact_sync: (Arc::new(contact_sync), Nudge::default()),
-        dispatch: (Arc::new(DispatchJob(dispatcher)), Nudge::default()),
         flow_sync: (Arc::new(flow_sync), Nudge::default()),
+        dispatch: (Arc::new(DispatchJob(dispatcher)), dispatch_nudge),
+        schedule: (Arc::new(schedule), Nudge::default()),
     }))
 }
 
@@ -161,6 +173,7 @@ impl Application {
             contact_sync: jobs.as_ref().map(|j| j.contact_sync.1.clone()),
             dispatch: jobs.as_ref().map(|j| j.dispatch.1.clone()),
             flow_sync: jobs.as_ref().map(|j| j.flow_sync.1.clone()),
+            schedule: jobs.as_ref().map(|j| j.schedule.1.clone()),
         };
         Ok(Application {
             listener,
@@ -220,6 +233,7 @@ impl Application {
             contact_sync,
             dispatch,
             flow_sync,
+            schedule,
         }) = self.jobs
         {
             let settings = &self.state.settings;
@@ -236,6 +250,8 @@ impl Application {
             // Nothing in the connector changes flows: no nudge, the interval only.
             let interval = Duration::from_secs(settings.messaging.flow_sync_interval_secs);
             runner::spawn(flow_sync.0, interval, flow_sync.1, token.clone(), &jobs);
+            let interval = Duration::from_secs(settings.messaging.schedule_interval_secs);
+            runner::spawn(schedule.0, interval, schedule.1, token.clone(), &jobs);
         }
         jobs.close();
         let router = api::router(self.state);

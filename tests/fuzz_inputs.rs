@@ -37,6 +37,7 @@ fn harness() -> Harness {
         contact_sync: None,
         dispatch: None,
         flow_sync: None,
+        schedule: None,
     };
     Harness {
         runtime,

@@ -26,6 +26,7 @@ async fn person_writes_nudge_the_contact_sync() {
         contact_sync: Some(nudge.clone()),
         dispatch: None,
         flow_sync: None,
+        schedule: None,
     };
     let app = router(state);
     let send = |method: &str, uri: &str, body: &str| {

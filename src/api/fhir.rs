@@ -1,7 +1,8 @@
 //! The FHIR R4 REST routes under `/fhir`: metadata, create, read, vread,
 //! update (plain and conditional), delete, search (GET and `POST
-//! _search`), history, and batch/transaction at the base. The same
-//! handlers serve both store backends.
+//! _search`), history, batch/transaction at the base, and the operation
+//! `CommunicationRequest/{id}/$cancel`. The same handlers serve both store
+//! backends.
 
 use axum::Router;
 use axum::body::Bytes;
@@ -44,6 +45,7 @@ pub fn routes_at(state: AppState, prefix: &str) -> Router {
             get(read).put(update).delete(delete),
         )
         .route(&at("/{resource_type}/{id}/_history"), get(instance_history))
+        .route(&at("/CommunicationRequest/{id}/$cancel"), post(cancel))
         .route(
             &at("/{resource_type}/{id}/_history/{version_id}"),
             get(vread),
@@ -92,10 +94,10 @@ async fn nudge_jobs(
     {
         nudge.nudge();
     }
-    if (is_bundle || segment == "CommunicationRequest")
-        && let Some(nudge) = &state.dispatch
-    {
-        nudge.nudge();
+    if is_bundle || segment == "CommunicationRequest" {
+        for nudge in [&state.dispatch, &state.schedule].into_iter().flatten() {
+            nudge.nudge();
+        }
     }
     response
 }
@@ -351,6 +353,16 @@ async fn read(
     Path((resource_type, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let stored = state.store.read(&resource_type, &id).await?;
+    Ok(resource_response(StatusCode::OK, &stored))
+}
+
+/// `POST CommunicationRequest/{id}/$cancel`: the request `revoked` (and a
+/// schedule's unsent firings with it); 409 if it is already completed.
+async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let stored = crate::jobs::schedule::cancel_request(state.store.as_ref(), &id).await?;
     Ok(resource_response(StatusCode::OK, &stored))
 }
 

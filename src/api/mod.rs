@@ -38,6 +38,8 @@ pub struct AppState {
     pub dispatch: Option<crate::jobs::runner::Nudge>,
     /// Starts a flow sync pass now (set when RapidPro is configured).
     pub flow_sync: Option<crate::jobs::runner::Nudge>,
+    /// Starts a scheduler pass now (set when RapidPro is configured).
+    pub schedule: Option<crate::jobs::runner::Nudge>,
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

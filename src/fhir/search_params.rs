@@ -400,6 +400,13 @@ pub const SEARCH_PARAMS: &[SearchParamDef] = &[
         "priority",
         "routine | urgent | asap | stat"
     ),
+    param!(
+        &["CommunicationRequest"],
+        "based-on",
+        Reference,
+        "basedOn",
+        "The request this one fulfils (a schedule's firings name the schedule)"
+    ),
     // Communication
     param!(
         &["Communication"],

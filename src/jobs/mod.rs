@@ -3,7 +3,8 @@
 //! The contact and group syncs (`contact_sync`, `contact_status_poll`,
 //! `group_sync`, with `contact_writeback`, `rapidpro_directory`,
 //! `sync_status`), the flow sync (`flow_sync`, RapidPro flows -> FHIR
-//! Basic), the messaging dispatcher (`dispatch`), durable job
+//! Basic), the messaging dispatcher (`dispatch`), the cron scheduler and
+//! `$cancel` (`schedule`), durable job
 //! cursors (`cursor`) and the `serve` job runner (`runner`).
 
 pub mod contact_status;
@@ -16,6 +17,7 @@ pub mod flow_sync;
 pub mod group_sync;
 pub mod rapidpro_directory;
 pub mod runner;
+pub mod schedule;
 pub mod sync_status;
 #[cfg(test)]
 mod test_support;

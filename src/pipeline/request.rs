@@ -146,6 +146,46 @@ pub struct Schedule {
     pub recurring: bool,
 }
 
+impl Schedule {
+    /// The expression, parsed (it was checked when the request was read).
+    pub fn cron(&self) -> Result<croner::Cron, RequestProblem> {
+        parse_cron(&self.expression)
+    }
+}
+
+/// A cron expression as node-cron (emNutt) reads it: 5 fields (minute hour
+/// day-of-month month day-of-week) or 6 with seconds first; names
+/// (`MON`, `JAN`), ranges, lists and steps. An expression that can never
+/// fire (`0 0 30 2 *`) is refused too.
+pub fn parse_cron(expression: &str) -> Result<croner::Cron, RequestProblem> {
+    use croner::parser::{CronParser, Seconds, Year};
+    let fields = expression.split_whitespace().count();
+    if !(5..=6).contains(&fields) && !expression.trim_start().starts_with('@') {
+        return Err(problem(format!(
+            "schedule cronExpression '{expression}' has {fields} fields; give 5 (minute hour day month weekday) or 6 (seconds first)"
+        )));
+    }
+    let cron = CronParser::builder()
+        .seconds(Seconds::Optional)
+        .year(Year::Disallowed)
+        .build()
+        .parse(expression)
+        .map_err(|e| {
+            problem(format!(
+                "schedule cronExpression '{expression}' is not a cron expression: {e}"
+            ))
+        })?;
+    // Any instant will do: an expression that fires at all fires within
+    // the few years croner searches.
+    let probe = DateTime::<Utc>::from_timestamp(1_767_225_600, 0).unwrap_or_default();
+    if cron.find_next_occurrence(&probe, false).is_err() {
+        return Err(problem(format!(
+            "schedule cronExpression '{expression}' never fires"
+        )));
+    }
+    Ok(cron)
+}
+
 /// A CommunicationRequest, read.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MessageRequest {
@@ -671,6 +711,7 @@ fn schedule(resource: &Value) -> Result<Option<Schedule>, RequestProblem> {
         .map(str::trim)
         .filter(|e| !e.is_empty())
         .ok_or_else(|| problem("the schedule extension has no cronExpression"))?;
+    parse_cron(expression)?;
     let recurring = match sub(ext, "frequency") {
         None | Some("recurring") => true,
         Some("once") => false,
@@ -831,6 +872,34 @@ mod tests {
         assert_eq!(parsed.job_filter[0].code, "midwife");
         assert!(!parsed.schedule.as_ref().unwrap().recurring);
         assert!(parsed.is_alert);
+    }
+
+    #[test]
+    fn cron_expressions_are_checked_at_intake() {
+        let with_cron = |expression: &str| {
+            request(
+                json!({"extension": [{"url": SCHEDULE_EXTENSION, "extension": [
+                {"url": "cronExpression", "valueString": expression}]}]}),
+            )
+        };
+        // iHRIS's "send once later", node-cron's 6 fields, names and steps.
+        for good in ["06 14 05 09 *", "30 0 8 * * MON", "*/15 8-17 * * 1-5"] {
+            let parsed = MessageRequest::parse(&with_cron(good)).unwrap();
+            assert_eq!(parsed.schedule.unwrap().expression, good);
+        }
+        for (bad, expected) in [
+            ("61 * * * *", "is not a cron expression"),
+            ("* * *", "has 3 fields"),
+            ("0 0 8 * * * 2030", "has 7 fields"),
+            ("0 0 30 2 *", "never fires"),
+            ("every monday", "cronExpression"),
+        ] {
+            let err = check_writable(&with_cron(bad)).unwrap_err();
+            assert!(
+                err.0.contains("cronExpression") && err.0.contains(expected),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]
