@@ -333,3 +333,61 @@ async fn the_fhir_api_answers_under_emnutt_fhir_and_sync_triggers_are_named() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn cancel_message_schedule_revokes_each_named_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_people(&dir).await;
+    let app = common::spawn_app_on(Arc::clone(&store), &[]).await;
+    let mut weekly = ihris_submission("parent");
+    weekly["extension"] = json!([{ "url": "http://mhero.org/fhir/StructureDefinition/sms-cron-expression-schedule",
+        "extension": [{ "url": "cronExpression", "valueString": "0 8 * * 1" }, { "url": "frequency", "valueString": "recurring" }] }]);
+    let mut ids = Vec::new();
+    for body in [weekly, ihris_submission("parent")] {
+        let answer: Value = app
+            .client
+            .post(format!("{}/emNutt/fhir/CommunicationRequest", app.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        ids.push(answer["reqID"].as_str().unwrap().to_string());
+    }
+    let response = app
+        .client
+        .post(format!("{}/emNutt/fhir/cancelMessageSchedule", app.base))
+        .json(
+            &json!({ "schedules": [format!("CommunicationRequest/{}", ids[0]), ids[1], "ghost"] }),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404, "one of them does not exist");
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["status"], "Processing");
+    assert_eq!(answer["reqID"], ids[0].as_str());
+    assert_eq!(
+        answer["results"][2]["error"]["resourceType"],
+        "OperationOutcome"
+    );
+    for id in &ids {
+        let request = store
+            .read("CommunicationRequest", id)
+            .await
+            .unwrap()
+            .resource;
+        assert_eq!(request["status"], "revoked", "{id}");
+    }
+    let bad = app
+        .client
+        .post(format!("{}/emNutt/fhir/cancelMessageSchedule", app.base))
+        .json(&json!({ "schedules": [] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    app.stop().await;
+}

@@ -9,13 +9,13 @@
 //! - `GET /emNutt/fhir/getProgress?requestIDs=<json>`: progress derived from
 //!   FHIR (the request and its outbox), in the shape iHRIS's widget reads;
 //!   `clearProgress` has nothing to clear and answers 200.
+//! - `POST /emNutt/fhir/cancelMessageSchedule`: `$cancel` for each named
+//!   request (schedule parents stop firing; unsent firings are revoked).
 //! - `PUT /emNutt/optout` and `/emNutt/undoOptout`: set or remove the
 //!   opt-out tag.
 //! - `GET|POST /emNutt/fhir/...`: the FHIR API itself (mounted by
 //!   [`super::fhir::routes_at`]), not an open proxy to another server.
 //! - `GET /sync/<job>`: starts a pass of the matching job.
-//!
-//! `POST /emNutt/fhir/cancelMessageSchedule` lives with the cancel operation.
 
 use std::collections::HashMap;
 
@@ -49,6 +49,7 @@ pub fn routes(state: AppState) -> Router {
         )
         .route("/emNutt/fhir/getProgress", get(get_progress))
         .route("/emNutt/fhir/clearProgress", get(clear_progress))
+        .route("/emNutt/fhir/cancelMessageSchedule", post(cancel_schedules))
         .route("/emNutt/optout", put(opt_out))
         .route("/emNutt/undoOptout", put(undo_opt_out))
         .route("/sync/{job}", get(sync_trigger))
@@ -283,6 +284,61 @@ async fn progress(state: &AppState, id: &str) -> Result<Value, ApiError> {
         "percent": percent,
         "sendStatus": { id: send_status },
     }))
+}
+
+/// `{"schedules": ["CommunicationRequest/<id>" | "<id>", ...]}`: each is
+/// cancelled like `$cancel`. Answers emNutt's `{"status":"Processing",
+/// "reqID"}` (iHRIS polls `getProgress` with that id, which then reports the
+/// revoked request as done) plus one result per schedule; 404 or 409 if
+/// any could not be cancelled (the others still are).
+async fn cancel_schedules(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = json_body(body, state.settings.server.max_body_bytes)?;
+    let schedules = body
+        .get("schedules")
+        .and_then(Value::as_array)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| {
+            ApiError::BadRequest("the body needs a non-empty \"schedules\" list".into())
+        })?;
+    let mut ids = Vec::with_capacity(schedules.len());
+    for (index, schedule) in schedules.iter().enumerate() {
+        let id = schedule
+            .as_str()
+            .map(|s| s.trim_start_matches("CommunicationRequest/"))
+            .filter(|id| crate::fhir::resource_types::is_valid_id(id))
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "schedules[{index}] must be \"CommunicationRequest/<id>\" or \"<id>\""
+                ))
+            })?;
+        ids.push(id.to_string());
+    }
+    let mut results = Vec::with_capacity(ids.len());
+    let mut worst = StatusCode::OK;
+    for id in &ids {
+        match crate::jobs::schedule::cancel_request(state.store.as_ref(), id).await {
+            Ok(stored) => results.push(json!({ "id": id, "status": stored.resource["status"] })),
+            Err(error) => {
+                let error = ApiError::from(error);
+                let (status, outcome) = error.status_and_outcome();
+                if status.is_server_error() {
+                    return Err(error);
+                }
+                worst = worst.max(status);
+                results.push(json!({ "id": id, "error": outcome }));
+            }
+        }
+    }
+    if let Some(nudge) = &state.dispatch {
+        nudge.nudge();
+    }
+    Ok(json_reply(
+        worst,
+        &json!({ "status": "Processing", "reqID": ids[0], "results": results }),
+    ))
 }
 
 #[derive(serde::Deserialize, Default)]
