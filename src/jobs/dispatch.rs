@@ -333,7 +333,7 @@ impl Dispatcher {
         }
         report.not_done += not_done.len();
         for chunk in not_done.chunks(WRITE_CHUNK) {
-            self.write_all(chunk.to_vec()).await?;
+            self.write_all(chunk).await?;
         }
 
         // 4. Send, batch by batch, renewing the claim as we go: one call
@@ -560,17 +560,16 @@ impl Dispatcher {
     }
 
     /// Writes resources with PUT in one transaction; returns id -> version.
-    async fn write_all(
-        &self,
-        resources: Vec<Value>,
-    ) -> Result<HashMap<String, String>, StoreError> {
-        self.write_bundle(resources.into_iter().map(|r| (r, None)).collect())
-            .await
+    async fn write_all(&self, resources: &[Value]) -> Result<HashMap<String, String>, StoreError> {
+        let entries: Vec<(&Value, Option<&str>)> = resources.iter().map(|r| (r, None)).collect();
+        self.write_bundle(&entries).await
     }
 
+    /// PUTs `(resource, If-Match version)` pairs in one transaction;
+    /// returns id -> new version.
     async fn write_bundle(
         &self,
-        resources: Vec<(Value, Option<String>)>,
+        resources: &[(&Value, Option<&str>)],
     ) -> Result<HashMap<String, String>, StoreError> {
         if resources.is_empty() {
             return Ok(HashMap::new());
@@ -580,7 +579,7 @@ impl Dispatcher {
             .map(|(r, _)| r["id"].as_str().unwrap_or_default().to_string())
             .collect();
         let entries: Vec<Value> = resources
-            .into_iter()
+            .iter()
             .map(|(resource, if_match)| {
                 let mut request = json!({
                     "method": "PUT",
@@ -589,7 +588,7 @@ impl Dispatcher {
                 if let Some(version) = if_match {
                     request["ifMatch"] = json!(format!("W/\"{version}\""));
                 }
-                json!({ "resource": resource, "request": request })
+                json!({ "resource": *resource, "request": request })
             })
             .collect();
         let response = self
@@ -636,7 +635,7 @@ impl Dispatcher {
             .collect();
         let mut versions = HashMap::new();
         for chunk in entries.chunks(WRITE_CHUNK) {
-            versions.extend(self.write_all(chunk.to_vec()).await?);
+            versions.extend(self.write_all(chunk).await?);
         }
         self.reached(Step::BatchPrepared)?;
         let addresses: Vec<ContactAddress> = recipients
@@ -681,48 +680,46 @@ impl Dispatcher {
             Delivery::Message(_) => BROADCAST_SYSTEM,
             Delivery::Flow { .. } => FLOW_START_SYSTEM,
         };
-        let updates: Vec<(Value, Option<String>)> = match &outcome {
-            BatchOutcome::Accepted { uuid, refused } => entries
-                .iter()
-                .enumerate()
-                .map(|(i, (entry, version))| {
-                    let updated = match refused.iter().find(|(index, _)| *index == i) {
-                        Some((_, reason)) => {
-                            report.not_done += 1;
-                            outbox::refused(entry, reason)
+        let updates: Vec<(Value, Option<String>)> = entries
+            .into_iter()
+            .enumerate()
+            .map(|(i, (entry, version))| {
+                let updated = match &outcome {
+                    BatchOutcome::Refused(reason) => {
+                        report.not_done += 1;
+                        outbox::refused(entry, reason)
+                    }
+                    BatchOutcome::Accepted { uuid, refused } => {
+                        match refused.iter().find(|(index, _)| *index == i) {
+                            Some((_, reason)) => {
+                                report.not_done += 1;
+                                outbox::refused(entry, reason)
+                            }
+                            None => {
+                                report.sent += 1;
+                                outbox::accepted(entry, system, uuid)
+                            }
                         }
-                        None => {
-                            report.sent += 1;
-                            outbox::accepted(entry, system, uuid)
-                        }
-                    };
-                    (updated, version.clone())
-                })
-                .collect(),
-            BatchOutcome::Refused(reason) => entries
-                .iter()
-                .map(|(entry, version)| {
-                    report.not_done += 1;
-                    (outbox::refused(entry, reason), version.clone())
-                })
-                .collect(),
-        };
+                    }
+                };
+                (updated, version)
+            })
+            .collect();
         for chunk in updates.chunks(WRITE_CHUNK) {
-            self.write_marks(chunk.to_vec()).await?;
+            self.write_marks(chunk).await?;
         }
         Ok(report)
     }
 
     /// Writes marked entries in one transaction, or one by one (only what
     /// is still in preparation) if a delivery update got there first.
-    async fn write_marks(
-        &self,
-        updates: Vec<(Value, Option<String>)>,
-    ) -> Result<(), DispatchError> {
-        match self.write_bundle(updates.clone()).await {
+    async fn write_marks(&self, updates: &[(Value, Option<String>)]) -> Result<(), DispatchError> {
+        let entries: Vec<(&Value, Option<&str>)> =
+            updates.iter().map(|(r, v)| (r, v.as_deref())).collect();
+        match self.write_bundle(&entries).await {
             Ok(_) => {}
             Err(StoreError::TransactionEntry { .. }) | Err(StoreError::VersionConflict { .. }) => {
-                for (updated, _) in updates {
+                for (updated, _) in updates.iter() {
                     let id = updated["id"].as_str().unwrap_or_default().to_string();
                     crate::store::modify_resource(
                         self.store.as_ref(),

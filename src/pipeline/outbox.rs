@@ -256,8 +256,8 @@ pub fn address(communication: &Value) -> (Option<String>, Option<String>) {
 
 /// The entry, accepted by RapidPro as `rapidpro_uuid` (a broadcast or a
 /// flow start): `in-progress`, with the identifier.
-pub fn accepted(communication: &Value, system: &str, rapidpro_uuid: &str) -> Value {
-    let mut updated = communication.clone();
+pub fn accepted(communication: Value, system: &str, rapidpro_uuid: &str) -> Value {
+    let mut updated = communication;
     updated["status"] = json!("in-progress");
     push_identifier(&mut updated, system, rapidpro_uuid);
     strip_store_meta(&mut updated);
@@ -265,8 +265,8 @@ pub fn accepted(communication: &Value, system: &str, rapidpro_uuid: &str) -> Val
 }
 
 /// The entry, not sent: `not-done` with `reason`.
-pub fn refused(communication: &Value, reason: &str) -> Value {
-    let mut updated = communication.clone();
+pub fn refused(communication: Value, reason: &str) -> Value {
+    let mut updated = communication;
     updated["status"] = json!("not-done");
     updated["statusReason"] = json!({ "text": reason });
     strip_store_meta(&mut updated);

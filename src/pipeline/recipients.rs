@@ -15,10 +15,10 @@ use std::collections::{HashMap, HashSet};
 
 use serde_json::Value;
 
-use super::contact::{PERSON_TYPES, display_name, draft};
+use super::contact::{PERSON_TYPES, draft};
 use super::phone::PhoneNormalizer;
 use super::request::{JobCode, MessageRequest, RecipientRef};
-use crate::store::{FhirStore, StoreResult, escape_search_value, search_all};
+use crate::store::{FhirStore, SearchRequest, StoreResult, StoredResource, escape_search_value};
 use crate::telemetry::mask_phone;
 
 /// How many ids go into one `_id=` or reference OR-list search.
@@ -100,46 +100,90 @@ fn or_list<'a>(ids: impl IntoIterator<Item = &'a String>) -> String {
         .join(",")
 }
 
-/// Reads resources of one type by id, in chunks; returns id -> resource.
+/// Calls `each` for every match of a search, page by page (nothing is
+/// accumulated; no total is counted).
+async fn each_match<F>(
+    store: &dyn FhirStore,
+    resource_type: &str,
+    mut params: Vec<(String, String)>,
+    mut each: F,
+) -> StoreResult<()>
+where
+    F: FnMut(StoredResource),
+{
+    params.push(("_total".to_string(), "none".to_string()));
+    let mut cursor = None;
+    loop {
+        let page = store
+            .search(SearchRequest {
+                resource_type: resource_type.to_string(),
+                params: params.clone(),
+                cursor,
+                lenient: false,
+            })
+            .await?;
+        page.matches.into_iter().for_each(&mut each);
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Calls `each` for the resources of one type with these ids, in chunks.
+async fn each_by_id<F>(
+    store: &dyn FhirStore,
+    resource_type: &str,
+    ids: &[String],
+    mut each: F,
+) -> StoreResult<()>
+where
+    F: FnMut(StoredResource),
+{
+    for chunk in ids.chunks(CHUNK) {
+        let params = vec![
+            ("_id".to_string(), or_list(chunk)),
+            ("_count".to_string(), CHUNK.to_string()),
+        ];
+        each_match(store, resource_type, params, &mut each).await?;
+    }
+    Ok(())
+}
+
+/// Reads resources of one type by id; returns id -> resource (for the few
+/// Groups, places and services a request names).
 async fn read_by_id(
     store: &dyn FhirStore,
     resource_type: &str,
     ids: &[String],
 ) -> StoreResult<HashMap<String, Value>> {
     let mut found = HashMap::new();
-    for chunk in ids.chunks(CHUNK) {
-        let params = vec![
-            ("_id".to_string(), or_list(chunk)),
-            ("_count".to_string(), CHUNK.to_string()),
-        ];
-        for stored in search_all(store, resource_type, params).await? {
-            found.insert(stored.id, stored.resource);
-        }
-    }
+    each_by_id(store, resource_type, ids, |stored| {
+        found.insert(stored.id, stored.resource);
+    })
+    .await?;
     Ok(found)
 }
 
-/// Every match of `resource_type?param=<ids OR-list>`, in chunks.
-async fn search_by_reference(
+/// Calls `each` for every match of `resource_type?param=<ids OR-list>`.
+async fn each_by_reference<F>(
     store: &dyn FhirStore,
     resource_type: &str,
     param: &str,
     ids: &[String],
-) -> StoreResult<Vec<Value>> {
-    let mut all = Vec::new();
+    mut each: F,
+) -> StoreResult<()>
+where
+    F: FnMut(StoredResource),
+{
     for chunk in ids.chunks(CHUNK) {
         let params = vec![
             (param.to_string(), or_list(chunk)),
             ("_count".to_string(), "1000".to_string()),
         ];
-        all.extend(
-            search_all(store, resource_type, params)
-                .await?
-                .into_iter()
-                .map(|s| s.resource),
-        );
+        each_match(store, resource_type, params, &mut each).await?;
     }
-    Ok(all)
+    Ok(())
 }
 
 /// `ids` and everything below them through `partOf` (Location and
@@ -164,14 +208,15 @@ async fn with_descendants(
     }
     let mut frontier = all.clone();
     while !frontier.is_empty() {
-        let children = search_by_reference(store, resource_type, "partof", &frontier).await?;
-        frontier = children
-            .iter()
-            .filter_map(|c| c.get("id").and_then(Value::as_str))
-            .filter(|id| seen.insert(id.to_string()))
-            .map(str::to_string)
-            .collect();
-        all.extend(frontier.iter().cloned());
+        let mut children = Vec::new();
+        each_by_reference(store, resource_type, "partof", &frontier, |child| {
+            if seen.insert(child.id.clone()) {
+                children.push(child.id);
+            }
+        })
+        .await?;
+        all.extend(children.iter().cloned());
+        frontier = children;
     }
     Ok(all)
 }
@@ -214,7 +259,6 @@ pub async fn resolve(
 ) -> StoreResult<Resolution> {
     let mut warnings = Vec::new();
     let mut people = OrderedRefs::default();
-    let mut roles: Vec<Value> = Vec::new();
     let mut by_type: HashMap<&str, Vec<String>> = HashMap::new();
     let mut contained_keys: Vec<String> = Vec::new();
     for recipient in &parsed.recipients {
@@ -288,24 +332,43 @@ pub async fn resolve(
         group_queue = next;
     }
 
-    // Roles named directly.
+    // Roles: named directly, at places (and below), of organisations (and
+    // below), offering services; each active one matching the job filter
+    // brings its practitioner. Streamed page by page.
+    let job_filter = &parsed.job_filter;
+    let mut take_role = |role: &Value| {
+        if role_matches(role, job_filter)
+            && let Some((t, id)) = role
+                .pointer("/practitioner/reference")
+                .and_then(Value::as_str)
+                .and_then(split_reference)
+            && t == "Practitioner"
+        {
+            people.push(t, id);
+        }
+    };
     if let Some(ids) = by_type.remove("PractitionerRole") {
         let found = read_by_id(store, "PractitionerRole", &ids).await?;
         for id in &ids {
             match found.get(id) {
-                Some(role) => roles.push(role.clone()),
+                Some(role) => take_role(role),
                 None => warnings.push(format!("PractitionerRole/{id} was not found")),
             }
         }
     }
-    // Places and everything below them; organisations likewise.
     if let Some(ids) = by_type.remove("Location") {
         let places = with_descendants(store, "Location", &ids, &mut warnings).await?;
-        roles.extend(search_by_reference(store, "PractitionerRole", "location", &places).await?);
+        each_by_reference(store, "PractitionerRole", "location", &places, |r| {
+            take_role(&r.resource)
+        })
+        .await?;
     }
     if let Some(ids) = by_type.remove("Organization") {
         let orgs = with_descendants(store, "Organization", &ids, &mut warnings).await?;
-        roles.extend(search_by_reference(store, "PractitionerRole", "organization", &orgs).await?);
+        each_by_reference(store, "PractitionerRole", "organization", &orgs, |r| {
+            take_role(&r.resource)
+        })
+        .await?;
     }
     if let Some(ids) = by_type.remove("HealthcareService") {
         let found = read_by_id(store, "HealthcareService", &ids).await?;
@@ -316,24 +379,15 @@ pub async fn resolve(
             .into_iter()
             .filter(|id| found.contains_key(id))
             .collect();
-        roles.extend(search_by_reference(store, "PractitionerRole", "service", &services).await?);
-    }
-    for role in &roles {
-        if !role_matches(role, &parsed.job_filter) {
-            continue;
-        }
-        if let Some((t, id)) = role
-            .pointer("/practitioner/reference")
-            .and_then(Value::as_str)
-            .and_then(split_reference)
-            && t == "Practitioner"
-        {
-            people.push(t, id);
-        }
+        each_by_reference(store, "PractitionerRole", "service", &services, |r| {
+            take_role(&r.resource)
+        })
+        .await?;
     }
 
-    // The people themselves, in bulk per type.
-    let mut resources: HashMap<(String, String), Value> = HashMap::new();
+    // The people themselves, in bulk per type, kept only as what reaching
+    // them needs.
+    let mut reachable: HashMap<(String, String), Candidate> = HashMap::new();
     for person_type in PERSON_TYPES {
         let ids: Vec<String> = people
             .list
@@ -344,23 +398,25 @@ pub async fn resolve(
         if ids.is_empty() {
             continue;
         }
-        for (id, resource) in read_by_id(store, person_type, &ids).await? {
-            resources.insert((person_type.to_string(), id), resource);
-        }
+        each_by_id(store, person_type, &ids, |stored| {
+            let candidate = candidate(&stored.resource, phones);
+            reachable.insert((person_type.to_string(), stored.id), candidate);
+        })
+        .await?;
     }
 
     let mut urn_owner: HashMap<String, String> = HashMap::new();
     let mut recipients = Vec::with_capacity(people.list.len() + contained_keys.len());
     for (resource_type, id) in &people.list {
         let key = format!("{resource_type}/{id}");
-        let recipient = match resources.get(&(resource_type.clone(), id.clone())) {
+        let recipient = match reachable.remove(&(resource_type.clone(), id.clone())) {
             None => Recipient {
-                key: key.clone(),
+                reach: Reach::Unreachable(format!("{key} was not found")),
+                key,
                 display: None,
                 contained: None,
-                reach: Reach::Unreachable(format!("{key} was not found")),
             },
-            Some(resource) => person_recipient(key, resource, None, phones, &mut urn_owner),
+            Some(candidate) => candidate.into_recipient(key, None, &mut urn_owner),
         };
         recipients.push(recipient);
     }
@@ -374,11 +430,9 @@ pub async fn resolve(
             .iter()
             .find(|c| c.get("id").and_then(Value::as_str) == Some(id.as_str()))
         {
-            recipients.push(person_recipient(
+            recipients.push(candidate(resource, phones).into_recipient(
                 format!("#{id}"),
-                resource,
                 Some((*resource).clone()),
-                phones,
                 &mut urn_owner,
             ));
         }
@@ -389,41 +443,59 @@ pub async fn resolve(
     })
 }
 
-fn person_recipient(
-    key: String,
-    resource: &Value,
-    contained: Option<Value>,
-    phones: &PhoneNormalizer,
-    urn_owner: &mut HashMap<String, String>,
-) -> Recipient {
+/// What reaching one person needs, before de-duplication by URN.
+struct Candidate {
+    display: Option<String>,
+    /// `(contact uuid, first URN)`, or why not.
+    reach: Result<(Option<String>, String), String>,
+}
+
+fn candidate(resource: &Value, phones: &PhoneNormalizer) -> Candidate {
     let contact = draft(resource, phones);
     let reach = if contact.opted_out {
-        Reach::Unreachable("opted out of mHero messages".to_string())
+        Err("opted out of mHero messages".to_string())
     } else if contact.inactive {
-        Reach::Unreachable("inactive (active = false)".to_string())
+        Err("inactive (active = false)".to_string())
     } else if let Some(urn) = contact.urns.first() {
-        match urn_owner.get(urn) {
-            Some(owner) => Reach::Unreachable(format!(
-                "same phone number ({}) as {owner}, who receives the message once for both",
-                mask_phone(urn)
-            )),
-            None => {
-                urn_owner.insert(urn.clone(), key.clone());
-                Reach::Reachable {
-                    contact_uuid: contact.contact_uuid.clone(),
-                    urn: urn.clone(),
-                }
-            }
-        }
+        Ok((contact.contact_uuid.clone(), urn.clone()))
     } else if let Some(rejected) = contact.rejected_phones.first() {
-        Reach::Unreachable(format!("invalid phone number: {rejected}"))
+        Err(format!("invalid phone number: {rejected}"))
     } else {
-        Reach::Unreachable("no phone number".to_string())
+        Err("no phone number".to_string())
     };
-    Recipient {
-        key,
-        display: display_name(resource),
-        contained,
+    Candidate {
+        display: contact.name,
         reach,
+    }
+}
+
+impl Candidate {
+    /// The recipient; a URN already taken by an earlier recipient makes
+    /// this one unreachable (the message reaches that number once).
+    fn into_recipient(
+        self,
+        key: String,
+        contained: Option<Value>,
+        urn_owner: &mut HashMap<String, String>,
+    ) -> Recipient {
+        let reach = match self.reach {
+            Err(reason) => Reach::Unreachable(reason),
+            Ok((contact_uuid, urn)) => match urn_owner.get(&urn) {
+                Some(owner) => Reach::Unreachable(format!(
+                    "same phone number ({}) as {owner}, who receives the message once for both",
+                    mask_phone(&urn)
+                )),
+                None => {
+                    urn_owner.insert(urn.clone(), key.clone());
+                    Reach::Reachable { contact_uuid, urn }
+                }
+            },
+        };
+        Recipient {
+            key,
+            display: self.display,
+            contained,
+            reach,
+        }
     }
 }

@@ -364,12 +364,16 @@ pub fn parse_etag(value: &str) -> Option<String> {
 }
 
 /// Every match of a search, following the pages (`included` resources are
-/// dropped). For bounded result sets: callers chunk their `_id` lists.
+/// dropped; no total is counted). For bounded result sets: callers chunk
+/// their `_id` lists.
 pub async fn search_all(
     store: &dyn FhirStore,
     resource_type: &str,
-    params: Vec<(String, String)>,
+    mut params: Vec<(String, String)>,
 ) -> StoreResult<Vec<StoredResource>> {
+    if !params.iter().any(|(name, _)| name == "_total") {
+        params.push(("_total".to_string(), "none".to_string()));
+    }
     let mut all = Vec::new();
     let mut cursor = None;
     loop {

@@ -186,11 +186,17 @@ fn condition_for(
                 modifier.unwrap_or_default()
             )));
         }
+        // Through the (res_type, res_id) index: a plain condition on
+        // r.res_id let SQLite scan every resource of the type instead.
+        binds.push(SqlValue::Text(resource_type.to_string()));
         for v in &values {
             binds.push(SqlValue::Text(v.clone()));
-            alternatives.push("r.res_id = ?".to_string());
+            alternatives.push("?".to_string());
         }
-        return Ok(format!("({})", alternatives.join(" OR ")));
+        return Ok(format!(
+            "r.rid IN (SELECT rid FROM resources WHERE res_type = ? AND res_id IN ({}))",
+            alternatives.join(", ")
+        ));
     }
     if name == "_lastUpdated" {
         if modifier.is_some() {
