@@ -28,7 +28,7 @@ struct Cli {
 enum Command {
     /// Run the connector (HTTP API and background jobs) until SIGINT/SIGTERM.
     Serve,
-    /// One-command tour on this machine: embedded store with sample health workers and facilities.
+    /// One-command tour on this machine: iHRIS demo health workers and facilities, the RapidPro sandbox, messages and a survey.
     Demo {
         /// Where the demo keeps its data.
         #[arg(long, default_value = "data/demo")]
@@ -183,9 +183,20 @@ async fn serve(settings: Settings) -> ExitCode {
 }
 
 async fn demo(mut settings: Settings, data: PathBuf) -> ExitCode {
+    use mhero::cli::demo;
     settings.fhir.backend = FhirBackendKind::Embedded;
     settings.fhir.embedded.path = data.join("fhir.sqlite");
     settings.index.embedded.path = data.join("index");
+    if settings.phone.default_country.is_none() {
+        settings.phone.default_country = Some("LR".into());
+    }
+    let phones = match mhero::pipeline::phone::PhoneNormalizer::from_settings(&settings.phone) {
+        Ok(phones) => phones,
+        Err(e) => {
+            eprintln!("phone.default_country: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let store = match open_store(&settings.fhir).await {
         Ok(store) => store,
         Err(e) => {
@@ -193,24 +204,25 @@ async fn demo(mut settings: Settings, data: PathBuf) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    if let Err(e) = mhero::cli::demo::load_sample_data(store.as_ref()).await {
+    if let Err(e) = demo::load_demo_data(store.as_ref(), &phones).await {
         eprintln!("cannot load the demo data: {e}");
         return ExitCode::from(1);
     }
     // The RapidPro sandbox, in-process, unless a real workspace is configured.
     let sandbox = if settings.rapidpro.base_url.is_none() {
-        let sandbox = match mhero::cli::demo::start_sandbox().await {
+        let sandbox = match demo::start_sandbox().await {
             Ok(sandbox) => sandbox,
             Err(e) => {
                 eprintln!("cannot start the RapidPro sandbox: {e}");
                 return ExitCode::from(1);
             }
         };
-        mhero::cli::demo::point_at_sandbox(&mut settings, &sandbox);
+        demo::point_at_sandbox(&mut settings, &sandbox);
         Some(sandbox)
     } else {
         None
     };
+    let api_key = demo::ensure_api_key(&mut settings);
     let app = match Application::build_with_store(settings, store).await {
         Ok(app) => app,
         Err(e) => {
@@ -218,13 +230,27 @@ async fn demo(mut settings: Settings, data: PathBuf) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // The health workers' side of the conversation, in the sandbox only.
+    let stop = app.shutdown_token();
+    let responder = sandbox.as_ref().and_then(|sandbox| {
+        let export = demo::survey_export().ok()?;
+        Some(
+            demo::DemoResponder::new(sandbox.sandbox().clone(), &[export], demo::REPLY_AFTER)
+                .spawn(demo::RESPONDER_EVERY, stop.clone()),
+        )
+    });
     // A closed stdout (a pipe whose reader went away) must not stop the demo.
     let _ = writeln!(
         std::io::stdout(),
         "{}",
-        mhero::cli::demo::banner(app.fhir_base(), sandbox.as_ref())
+        demo::banner(app.fhir_base(), api_key.as_deref(), sandbox.as_ref())
     );
-    match app.run_until_stopped().await {
+    let result = app.run_until_stopped().await;
+    stop.cancel();
+    if let Some(responder) = responder {
+        let _ = responder.await;
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("server error: {e}");

@@ -125,69 +125,148 @@ fn usage_errors_exit_2_and_future_commands_say_so() {
     assert!(String::from_utf8_lossy(&reindex.stderr).contains("not yet available"));
 }
 
+/// The URL and JSON body of a banner `curl -X PUT ... 'URL' -d 'BODY'` line.
+fn put_command(line: &str) -> (String, serde_json::Value) {
+    let quoted: Vec<&str> = line.split('\'').skip(1).step_by(2).collect();
+    let url = quoted
+        .iter()
+        .find(|q| q.starts_with("http://"))
+        .expect("a URL")
+        .to_string();
+    let body = serde_json::from_str(quoted.last().expect("a body")).expect("a JSON body");
+    (url, body)
+}
+
 #[test]
-fn demo_serves_sample_data_and_stops_gracefully_on_sigterm() {
+fn demo_sends_to_the_ihris_midwives_and_stops_gracefully_on_sigterm() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let mut child = mhero(&dir)
         .args(["demo", "--data"])
         .arg(dir.path().join("demo"))
         .env("MHERO__SERVER__LISTEN", "127.0.0.1:0")
+        .env_remove("MHERO__AUTH__API_KEYS")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    // The banner is printed once the listener is bound; it names the URL.
+    // The banner is printed once the listener is bound; it names the URL,
+    // the key, the sandbox and the commands, and ends with "Stop with".
     let mut lines = BufReader::new(child.stdout.take().unwrap())
         .lines()
         .map_while(Result::ok);
-    let fhir_base = lines
+    let banner: Vec<String> = lines
         .by_ref()
-        .find_map(|line| {
-            line.trim()
-                .strip_prefix("FHIR API:")
-                .map(|url| url.trim().to_string())
-        })
-        .expect("the demo prints its FHIR base");
-    let sandbox_line = lines
-        .by_ref()
-        .find(|line| line.contains("RapidPro sandbox:"))
-        .expect("the demo runs the RapidPro sandbox");
-    let sandbox_url = sandbox_line
+        .take_while(|line| !line.starts_with("Stop with"))
+        .collect();
+    let field = |name: &str| {
+        banner
+            .iter()
+            .find_map(|line| line.trim().strip_prefix(name).map(|v| v.trim().to_string()))
+            .unwrap_or_else(|| panic!("the banner names {name}: {banner:?}"))
+    };
+    let fhir_base = field("FHIR API:");
+    let key = field("API key:");
+    assert!(
+        uuid::Uuid::parse_str(&key).is_ok(),
+        "a generated key: {key}"
+    );
+    let sandbox_url = field("RapidPro sandbox:")
         .split_whitespace()
-        .find(|w| w.starts_with("http://"))
+        .next()
         .unwrap()
         .to_string();
+    let curls: Vec<&String> = banner
+        .iter()
+        .filter(|line| line.trim_start().starts_with("curl "))
+        .collect();
+    assert_eq!(curls.len(), 3, "three commands: {banner:?}");
+    assert!(curls.iter().all(|c| c.contains(&format!("Bearer {key}"))));
+    let (midwives_url, midwives) = put_command(curls[0]);
+    assert!(curls[2].contains("based-on=CommunicationRequest/demo-midwives"));
     // Keep reading the rest so the demo's stdout stays open.
     let drain = std::thread::spawn(move || lines.count());
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let total = runtime.block_on(async {
+    let client = runtime.block_on(async {
         mhero::install_tls_provider();
-        let bundle: serde_json::Value =
-            reqwest::get(format!("{fhir_base}/Practitioner?_summary=count"))
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-        bundle["total"].as_u64()
+        reqwest::Client::new()
     });
-    assert_eq!(total, Some(mhero::cli::demo::DEMO_PRACTITIONERS as u64));
+    let get = |url: String| {
+        runtime.block_on(async {
+            let response = client.get(url).bearer_auth(&key).send().await.unwrap();
+            assert!(response.status().is_success(), "{}", response.status());
+            response.json::<serde_json::Value>().await.unwrap()
+        })
+    };
+    let unauthorized = runtime.block_on(async {
+        client
+            .get(format!("{fhir_base}/Practitioner"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(unauthorized.as_u16(), 401, "the demo needs its key");
+    let total = get(format!("{fhir_base}/Practitioner?_summary=count"))["total"].as_u64();
+    assert_eq!(
+        total,
+        Some(mhero::cli::demo::demo_practitioner_count() as u64)
+    );
     let workspace = runtime.block_on(async {
-        let client = reqwest::Client::new();
-        let response = client
+        client
             .get(format!("{sandbox_url}/api/v2/workspace.json"))
             .header("Authorization", "Token sandbox-token")
             .send()
             .await
-            .unwrap();
-        response.status()
+            .unwrap()
+            .status()
     });
     assert!(
         workspace.is_success(),
         "the sandbox answers with the printed token"
     );
+
+    // The banner's first command: a message to Rushonga's midwives.
+    let put = runtime.block_on(async {
+        client
+            .put(&midwives_url)
+            .bearer_auth(&key)
+            .header("Content-Type", "application/fhir+json")
+            .json(&midwives)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert!(put.is_success(), "PUT {midwives_url}: {put}");
+    // Bounded poll (a black-box process): the dispatcher sends it.
+    let outbox = format!("{fhir_base}/Communication?based-on=CommunicationRequest/demo-midwives");
+    let mut communications = Vec::new();
+    for _ in 0..100 {
+        let bundle = get(outbox.clone());
+        communications = bundle["entry"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| e["resource"].clone())
+            .collect();
+        if !communications.is_empty() && communications.iter().all(|c| c["status"] == "in-progress")
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(
+        !communications.is_empty(),
+        "at least one midwife is messaged"
+    );
+    for c in &communications {
+        assert_eq!(c["status"], "in-progress", "{c}");
+        let recipient = c["recipient"][0]["reference"].as_str().unwrap_or_default();
+        assert!(recipient.starts_with("Practitioner/"), "{c}");
+    }
 
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -1,7 +1,8 @@
 //! Generated sample data in the iHRIS/mCSD shape: a location hierarchy
 //! (country, regions, districts, facilities), Practitioners with phones,
 //! and PractitionerRoles tying them to facilities with an iHRIS job code.
-//! Deterministic for a given size; used by `mhero demo` and the benchmarks.
+//! Deterministic for a given size; used by the benchmarks
+//! (`mhero demo` loads the iHRIS demo data instead).
 
 use serde_json::{Value, json};
 
