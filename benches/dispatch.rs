@@ -9,14 +9,15 @@
 //! loads the sample country (`sample::locations`) and N Practitioners with
 //! one PractitionerRole each into a temporary SQLite store, writes one
 //! request addressed to the country's Location (so recipients are resolved
-//! through the location hierarchy and the roles, the mCSD way), resets the
-//! process's peak-RSS mark, and times one dispatcher pass from writing the
-//! request to every batch accepted by RapidPro.
+//! through the location hierarchy and the roles, the mCSD way), and times
+//! one dispatcher pass from writing the request to every batch accepted by
+//! RapidPro. The pass runs in a fresh child process (the benchmark re-runs
+//! itself) so that its memory is the connector's alone, not the loading's.
 //!
 //! Reported per N: wall time and time per recipient, RapidPro calls by
 //! endpoint (must be ceil(N/100) broadcasts), FHIR resource versions
 //! written (from the store's history), process CPU time, and peak RSS of
-//! the connector during the pass. It checks the outcome (every recipient
+//! the connector process (and its RSS when it started). It checks the outcome (every recipient
 //! `in-progress`) and asserts nothing about time.
 //!
 //! Environment knobs:
@@ -120,11 +121,6 @@ async fn load(store: &SqliteStore, people: usize) {
     }
 }
 
-/// Forget the peak RSS so far (Linux: `clear_refs` 5 resets VmHWM).
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
 async fn versions_since(store: &dyn FhirStore, since: chrono::DateTime<chrono::Utc>) -> u64 {
     store
         .history(HistoryRequest {
@@ -157,57 +153,38 @@ async fn calls_by_endpoint(base: &str) -> BTreeMap<String, usize> {
     counts
 }
 
+/// Parent side: load the store, start the sandbox, run the dispatch in a
+/// fresh child process (so its RSS is the connector's alone, not the
+/// loading's), then check the outcome and count calls and writes.
 async fn run(people: usize, latency_ms: u64, concurrency: usize) -> Value {
     let dir = tempfile::tempdir().unwrap();
-    let sqlite = SqliteStore::open(&dir.path().join("fhir.sqlite"))
-        .await
-        .unwrap();
+    let db = dir.path().join("fhir.sqlite");
     let load_started = Instant::now();
-    load(&sqlite, people).await;
+    {
+        let sqlite = SqliteStore::open(&db).await.unwrap();
+        load(&sqlite, people).await;
+    }
     let load_time = load_started.elapsed();
-    let store: SharedStore = Arc::new(sqlite);
     let (mut sandbox, base) = start_sandbox(latency_ms);
+    let since = chrono::Utc::now() - chrono::Duration::milliseconds(1);
 
-    mhero::install_tls_provider();
-    let client = RapidProClient::new(
-        &base.parse().unwrap(),
-        &Secret::new("sandbox-token"),
-        ClientOptions::default(),
-        Throttle::uniform(u32::MAX),
+    let output = Command::new(std::env::current_exe().unwrap())
+        .env("MHERO_BENCH_CHILD_DB", &db)
+        .env("MHERO_BENCH_CHILD_SANDBOX", &base)
+        .env("MHERO_BENCH_CONCURRENCY", concurrency.to_string())
+        .output()
+        .expect("the benchmark re-runs itself as the connector");
+    let child: Value = serde_json::from_slice(
+        output
+            .stdout
+            .split(|b| *b == b'\n')
+            .rfind(|l| l.starts_with(b"{"))
+            .unwrap_or_else(|| panic!("child said: {}", String::from_utf8_lossy(&output.stderr))),
     )
     .unwrap();
-    let mut settings = Settings::load_from(None, Some(Default::default()))
-        .unwrap()
-        .messaging;
-    settings.max_concurrent_calls = concurrency;
-    let dispatcher = Dispatcher::new(
-        Arc::clone(&store),
-        client,
-        Arc::new(PhoneNormalizer::new(Some("LR")).unwrap()),
-        settings,
-    );
 
-    reset_peak_rss();
-    let cpu_before = process_cpu_s();
-    let since = chrono::Utc::now() - chrono::Duration::milliseconds(1);
-    let started = Instant::now();
-    store
-        .update(
-            "CommunicationRequest",
-            "bench",
-            json!({ "resourceType": "CommunicationRequest", "id": "bench", "status": "active",
-                "recipient": [{ "reference": "Location/LR" }],
-                "payload": [{ "contentString": "National alert: report suspected cases to the district team today." }] }),
-            None,
-        )
-        .await
-        .unwrap();
-    let report = dispatcher.run_once().await.unwrap();
-    let wall = started.elapsed();
-    let cpu = process_cpu_s() - cpu_before;
-    let peak_rss = peak_rss_kib();
-
-    assert_eq!(report.sent, people, "every recipient accepted: {report:?}");
+    let store: SharedStore = Arc::new(SqliteStore::open(&db).await.unwrap());
+    assert_eq!(child["sent"], people, "every recipient accepted: {child}");
     let open = store
         .search(SearchRequest {
             resource_type: "Communication".into(),
@@ -230,29 +207,108 @@ async fn run(people: usize, latency_ms: u64, concurrency: usize) -> Value {
     let _ = sandbox.kill();
     let _ = sandbox.wait();
 
-    let per_recipient_us = wall.as_secs_f64() * 1e6 / people as f64;
+    let wall = child["wall_s"].as_f64().unwrap();
+    let per_recipient_us = wall * 1e6 / people as f64;
     println!(
-        "N = {people:>7}: {wall:>8.2?} wall ({per_recipient_us:.0} µs/recipient), {cpu:.2} s CPU, \
+        "N = {people:>7}: {wall:>6.2} s wall ({per_recipient_us:.0} µs/recipient), {:.2} s CPU, \
          {broadcasts} broadcasts (ceil(N/100) = {}), {writes} FHIR versions written, \
-         peak RSS {} MiB during the pass; load {load_time:.1?}; calls {calls:?}",
+         connector RSS {} MiB at start, peak {} MiB; load {load_time:.1?}; calls {calls:?}",
+        child["cpu_s"].as_f64().unwrap_or(0.0),
         people.div_ceil(100),
-        peak_rss.map_or(0, |k| k / 1024),
+        child["start_rss_mib"],
+        child["peak_rss_mib"],
     );
     json!({
         "recipients": people,
-        "wall_s": wall.as_secs_f64(),
+        "wall_s": wall,
         "per_recipient_us": per_recipient_us,
-        "cpu_s": cpu,
+        "cpu_s": child["cpu_s"],
         "broadcasts": broadcasts,
         "expected_broadcasts": people.div_ceil(100),
         "fhir_versions_written": writes,
-        "peak_rss_mib": peak_rss.map(|k| k / 1024),
+        "start_rss_mib": child["start_rss_mib"],
+        "peak_rss_mib": child["peak_rss_mib"],
         "rapidpro_calls": calls,
         "load_s": load_time.as_secs_f64(),
     })
 }
 
+/// Child side: the connector's part alone. Opens the loaded store, writes
+/// the request and runs one dispatcher pass; prints its figures as JSON.
+async fn dispatch_in_child(db: &str, base: &str, concurrency: usize) {
+    let store: SharedStore = Arc::new(SqliteStore::open(std::path::Path::new(db)).await.unwrap());
+    mhero::install_tls_provider();
+    let client = RapidProClient::new(
+        &base.parse().unwrap(),
+        &Secret::new("sandbox-token"),
+        ClientOptions::default(),
+        Throttle::uniform(u32::MAX),
+    )
+    .unwrap();
+    let mut settings = Settings::load_from(None, Some(Default::default()))
+        .unwrap()
+        .messaging;
+    settings.max_concurrent_calls = concurrency;
+    let dispatcher = Dispatcher::new(
+        Arc::clone(&store),
+        client,
+        Arc::new(PhoneNormalizer::new(Some("LR")).unwrap()),
+        settings,
+    );
+    let start_rss = current_rss_kib();
+    let cpu_before = process_cpu_s();
+    let started = Instant::now();
+    store
+        .update(
+            "CommunicationRequest",
+            "bench",
+            json!({ "resourceType": "CommunicationRequest", "id": "bench", "status": "active",
+                "recipient": [{ "reference": "Location/LR" }],
+                "payload": [{ "contentString": "National alert: report suspected cases to the district team today." }] }),
+            None,
+        )
+        .await
+        .unwrap();
+    let report = dispatcher.run_once().await.unwrap();
+    let wall = started.elapsed();
+    println!(
+        "{}",
+        json!({
+            "sent": report.sent,
+            "wall_s": wall.as_secs_f64(),
+            "cpu_s": process_cpu_s() - cpu_before,
+            "start_rss_mib": start_rss.map(|k| k / 1024),
+            "peak_rss_mib": peak_rss_kib().map(|k| k / 1024),
+        })
+    );
+}
+
+/// Resident set size now, in KiB.
+fn current_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 fn main() {
+    mhero::install_tls_provider();
+    if let (Ok(db), Ok(base)) = (
+        std::env::var("MHERO_BENCH_CHILD_DB"),
+        std::env::var("MHERO_BENCH_CHILD_SANDBOX"),
+    ) {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(dispatch_in_child(
+            &db,
+            &base,
+            env_usize("MHERO_BENCH_CONCURRENCY", 4),
+        ));
+        return;
+    }
     let recipients: Vec<usize> = std::env::var("MHERO_BENCH_RECIPIENTS")
         .unwrap_or_else(|_| "10000,100000".into())
         .split(',')

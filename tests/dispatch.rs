@@ -876,3 +876,54 @@ async fn a_crash_after_a_group_call_is_reconciled_by_the_group() {
     assert_eq!(world.api_calls("broadcasts"), 1);
     assert!(world.messages_per_urn().values().all(|n| *n == 1));
 }
+
+#[tokio::test]
+async fn a_crash_mid_way_through_ten_thousand_recipients_messages_each_once() {
+    let world = World::generated(10_000).await;
+    world
+        .request(
+            "big",
+            json!({
+                "recipient": [{ "reference": "Group/everyone" }],
+                "payload": [{ "contentString": "National campaign starts Monday" }]
+            }),
+        )
+        .await;
+    // Batches are in flight four at a time: the crash drops the others
+    // wherever they were (written, sent, or being marked).
+    let error = world
+        .dispatcher("replica-1")
+        .await
+        .crash_at(Step::BatchSent, 37)
+        .run_once()
+        .await
+        .unwrap_err();
+    assert!(matches!(error, DispatchError::Crashed(Step::BatchSent)));
+    let before = by_status(&world.outbox("big").await);
+    assert!(
+        before.get("in-progress").copied().unwrap_or(0) < 10_000,
+        "{before:?}"
+    );
+    let report = world
+        .dispatcher("replica-1")
+        .await
+        .run_once()
+        .await
+        .unwrap();
+    assert!(
+        report.reconciled >= 1,
+        "the crashed batch was found, not re-sent: {report:?}"
+    );
+    assert_eq!(
+        by_status(&world.outbox("big").await),
+        HashMap::from([("in-progress".to_string(), 10_000)])
+    );
+    assert_eq!(
+        world.api_calls("broadcasts"),
+        100,
+        "ceil(10,000 / 100) broadcasts, none twice"
+    );
+    let messages = world.messages_per_urn();
+    assert_eq!(messages.len(), 10_000);
+    assert!(messages.values().all(|n| *n == 1));
+}
