@@ -131,6 +131,28 @@ impl World {
         )
     }
 
+    /// A dispatcher of `instance` dies at the `nth` `step`; the same
+    /// replica restarts and runs a full pass, whose report is returned.
+    async fn crash_and_restart(
+        &self,
+        instance: &str,
+        step: Step,
+        nth: usize,
+    ) -> mhero::jobs::dispatch::DispatchReport {
+        let error = self
+            .dispatcher(instance)
+            .await
+            .crash_at(step, nth)
+            .run_once()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, DispatchError::Crashed(s) if s == step),
+            "{error}"
+        );
+        self.dispatcher(instance).await.run_once().await.unwrap()
+    }
+
     async fn request(&self, id: &str, body: Value) {
         let mut body = body;
         body["resourceType"] = json!("CommunicationRequest");
@@ -145,22 +167,7 @@ impl World {
     }
 
     async fn outbox(&self, request_id: &str) -> Vec<Value> {
-        search_all(
-            self.store.as_ref(),
-            "Communication",
-            vec![
-                (
-                    "based-on".into(),
-                    format!("CommunicationRequest/{request_id}"),
-                ),
-                ("_count".into(), "1000".into()),
-            ],
-        )
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|s| s.resource)
-        .collect()
+        common::outbox_of(self.store.as_ref(), request_id).await
     }
 
     async fn request_status(&self, id: &str) -> String {
@@ -204,16 +211,6 @@ impl World {
 /// A valid Liberian mobile, distinct per `n`.
 fn phone(n: usize) -> String {
     format!("077 {:03} {:04}", n / 10_000, n % 10_000)
-}
-
-fn by_status(outbox: &[Value]) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for c in outbox {
-        *counts
-            .entry(c["status"].as_str().unwrap().to_string())
-            .or_insert(0) += 1;
-    }
-    counts
 }
 
 /// R4's rules for what the connector writes: required elements present,
@@ -384,7 +381,7 @@ async fn a_district_message_reaches_every_health_worker_below_it_once() {
     recipients.sort();
     assert_eq!(recipients, expected);
     assert_eq!(
-        by_status(&outbox),
+        common::count_by_status(&outbox),
         HashMap::from([("in-progress".to_string(), expected.len())])
     );
     let broadcast = world.sandbox.sandbox().state()["broadcasts"][0]["uuid"].clone();
@@ -655,22 +652,10 @@ async fn a_crash_between_any_two_steps_messages_everyone_exactly_once() {
                 }),
             )
             .await;
-        let crashing = world.dispatcher("replica-1").await.crash_at(step, nth);
-        let error = crashing.run_once().await.unwrap_err();
-        assert!(
-            matches!(error, DispatchError::Crashed(s) if s == step),
-            "{error}"
-        );
-        // The same replica restarts.
-        world
-            .dispatcher("replica-1")
-            .await
-            .run_once()
-            .await
-            .unwrap();
+        world.crash_and_restart("replica-1", step, nth).await;
         let outbox = world.outbox("crash").await;
         assert_eq!(
-            by_status(&outbox),
+            common::count_by_status(&outbox),
             HashMap::from([("in-progress".to_string(), 250)]),
             "{step:?}"
         );
@@ -808,7 +793,7 @@ async fn a_request_to_a_synced_group_is_one_call_naming_the_group() {
     );
     assert!(calls[0].body.get("contacts").is_none() && calls[0].body.get("urns").is_none());
     assert_eq!(
-        by_status(&world.outbox("to-group").await),
+        common::count_by_status(&world.outbox("to-group").await),
         HashMap::from([("in-progress".to_string(), 250)])
     );
     let messages = world.messages_per_urn();
@@ -859,15 +844,7 @@ async fn a_crash_after_a_group_call_is_reconciled_by_the_group() {
             }),
         )
         .await;
-    let error = world
-        .dispatcher("a")
-        .await
-        .crash_at(Step::BatchSent, 1)
-        .run_once()
-        .await
-        .unwrap_err();
-    assert!(matches!(error, DispatchError::Crashed(Step::BatchSent)));
-    let report = world.dispatcher("a").await.run_once().await.unwrap();
+    let report = world.crash_and_restart("a", Step::BatchSent, 1).await;
     assert_eq!(
         (report.reconciled, report.batches_sent, report.sent),
         (1, 0, 120),
@@ -891,31 +868,15 @@ async fn a_crash_mid_way_through_ten_thousand_recipients_messages_each_once() {
         .await;
     // Batches are in flight four at a time: the crash drops the others
     // wherever they were (written, sent, or being marked).
-    let error = world
-        .dispatcher("replica-1")
-        .await
-        .crash_at(Step::BatchSent, 37)
-        .run_once()
-        .await
-        .unwrap_err();
-    assert!(matches!(error, DispatchError::Crashed(Step::BatchSent)));
-    let before = by_status(&world.outbox("big").await);
-    assert!(
-        before.get("in-progress").copied().unwrap_or(0) < 10_000,
-        "{before:?}"
-    );
     let report = world
-        .dispatcher("replica-1")
-        .await
-        .run_once()
-        .await
-        .unwrap();
+        .crash_and_restart("replica-1", Step::BatchSent, 37)
+        .await;
     assert!(
         report.reconciled >= 1,
         "the crashed batch was found, not re-sent: {report:?}"
     );
     assert_eq!(
-        by_status(&world.outbox("big").await),
+        common::count_by_status(&world.outbox("big").await),
         HashMap::from([("in-progress".to_string(), 10_000)])
     );
     assert_eq!(

@@ -14,8 +14,8 @@ use mhero::jobs::dispatch::Dispatcher;
 use mhero::pipeline::phone::PhoneNormalizer;
 use mhero::rapidpro::client::{ClientOptions, RapidProClient};
 use mhero::rapidpro::throttle::Throttle;
+use mhero::store::SharedStore;
 use mhero::store::sqlite::SqliteStore;
-use mhero::store::{SharedStore, search_all};
 use serde_json::{Value, json};
 use url::Url;
 use wiremock::matchers::{body_partial_json, method, path};
@@ -108,16 +108,7 @@ fn page(results: Vec<Value>) -> Value {
 }
 
 async fn outbox(store: &SharedStore) -> Vec<Value> {
-    search_all(
-        store.as_ref(),
-        "Communication",
-        vec![("based-on".into(), "CommunicationRequest/alert".into())],
-    )
-    .await
-    .unwrap()
-    .into_iter()
-    .map(|s| s.resource)
-    .collect()
+    common::outbox_of(store.as_ref(), "alert").await
 }
 
 fn statuses(outbox: &[Value]) -> Vec<&str> {

@@ -145,22 +145,7 @@ impl World {
     }
 
     async fn outbox(&self, request_id: &str) -> Vec<Value> {
-        search_all(
-            self.store.as_ref(),
-            "Communication",
-            vec![
-                (
-                    "based-on".into(),
-                    format!("CommunicationRequest/{request_id}"),
-                ),
-                ("_count".into(), "1000".into()),
-            ],
-        )
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|s| s.resource)
-        .collect()
+        common::outbox_of(self.store.as_ref(), request_id).await
     }
 
     fn broadcasts_created(&self) -> usize {
@@ -184,16 +169,6 @@ fn occurrences(children: &[Value]) -> Vec<&str> {
         .iter()
         .map(|c| c["occurrenceDateTime"].as_str().unwrap())
         .collect()
-}
-
-fn by_status(outbox: &[Value]) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for c in outbox {
-        *counts
-            .entry(c["status"].as_str().unwrap().to_string())
-            .or_insert(0) += 1;
-    }
-    counts
 }
 
 #[tokio::test]
@@ -328,7 +303,7 @@ async fn a_weekly_schedule_fires_at_local_time_in_the_configured_zone() {
         let id = child["id"].as_str().unwrap();
         let outbox = nairobi.outbox(id).await;
         assert_eq!(
-            by_status(&outbox),
+            common::count_by_status(&outbox),
             HashMap::from([("in-progress".into(), 3)])
         );
         assert!(
@@ -608,7 +583,7 @@ async fn cancel_in_the_middle_of_a_dispatch_sends_no_more() {
     world.dispatcher().await.run_once().await.unwrap();
     let outbox = world.outbox("big").await;
     assert_eq!(
-        by_status(&outbox),
+        common::count_by_status(&outbox),
         HashMap::from([("in-progress".into(), 100), ("not-done".into(), 150)])
     );
     assert!(

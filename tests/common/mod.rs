@@ -142,3 +142,34 @@ pub async fn rapidpro_client_for(
     )
     .unwrap()
 }
+
+/// The outbox of a CommunicationRequest: every Communication `basedOn` it.
+pub async fn outbox_of(store: &dyn mhero::store::FhirStore, request_id: &str) -> Vec<Value> {
+    mhero::store::search_all(
+        store,
+        "Communication",
+        vec![
+            (
+                "based-on".into(),
+                format!("CommunicationRequest/{request_id}"),
+            ),
+            ("_count".into(), "1000".into()),
+        ],
+    )
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|s| s.resource)
+    .collect()
+}
+
+/// How many outbox entries have each status.
+pub fn count_by_status(outbox: &[Value]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for c in outbox {
+        *counts
+            .entry(c["status"].as_str().unwrap_or("?").to_string())
+            .or_insert(0) += 1;
+    }
+    counts
+}
