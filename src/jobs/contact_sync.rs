@@ -17,13 +17,13 @@ use super::contact_writeback::{
     WrittenBack, blocked_by_connector, content_hash, pushed_hash, write_back,
 };
 use super::cursor::Cursor;
-use super::group_sync::{escape, search_all};
 use crate::pipeline::contact::{ContactDraft, PERSON_TYPES, draft};
 use crate::pipeline::phone::PhoneNormalizer;
 use crate::pipeline::work_context::LocationCache;
 use crate::store::{
     FhirStore, HistoryMethod, HistoryRequest, SearchRequest, StoreError, StoredResource,
 };
+use crate::store::{escape_search_value, search_all};
 
 /// Ids (or references) per bulk FHIR search of the work-context pass.
 const SEARCH_BATCH: usize = 100;
@@ -534,7 +534,7 @@ impl ContactSync<'_> {
         let ids: Vec<&String> = ids.iter().collect();
         let mut found = Vec::new();
         for chunk in ids.chunks(SEARCH_BATCH) {
-            let list: Vec<String> = chunk.iter().map(|id| escape(id)).collect();
+            let list: Vec<String> = chunk.iter().map(|id| escape_search_value(id)).collect();
             let params = vec![
                 ("_id".to_string(), list.join(",")),
                 ("_count".to_string(), SEARCH_BATCH.to_string()),
@@ -652,7 +652,7 @@ struct WorkContextPass<'a> {
 fn reference_list(name: &str, resource_type: &str, ids: &[String]) -> Vec<(String, String)> {
     let list: Vec<String> = ids
         .iter()
-        .map(|id| format!("{resource_type}/{}", escape(id)))
+        .map(|id| format!("{resource_type}/{}", escape_search_value(id)))
         .collect();
     vec![
         (name.to_string(), list.join(",")),

@@ -21,8 +21,8 @@ use super::cursor::Cursor;
 use crate::config::GroupsSource;
 use crate::pipeline::contact::{CONTACT_UUID_SYSTEM, OPT_OUT_CODE, OPT_OUT_SYSTEM, PERSON_TYPES};
 use crate::store::{
-    FhirStore, HistoryMethod, HistoryRequest, SearchRequest, StoreError, StoredResource,
-    modify_resource,
+    FhirStore, HistoryMethod, HistoryRequest, StoreError, StoredResource, escape_search_value,
+    modify_resource, search_all,
 };
 
 /// The identifier linking a FHIR Group to its RapidPro group (emNutt's).
@@ -384,36 +384,6 @@ fn messageable(person: &Value) -> bool {
         && !blocked_by_connector(person)
 }
 
-/// Every match of a search, following pages.
-pub(super) async fn search_all(
-    store: &dyn FhirStore,
-    resource_type: &str,
-    params: Vec<(String, String)>,
-) -> Result<Vec<StoredResource>, StoreError> {
-    let mut all = Vec::new();
-    let mut cursor = None;
-    loop {
-        let page = store
-            .search(SearchRequest {
-                resource_type: resource_type.to_string(),
-                params: params.clone(),
-                cursor,
-                lenient: false,
-            })
-            .await?;
-        all.extend(page.matches);
-        match page.next_cursor {
-            Some(next) => cursor = Some(next),
-            None => return Ok(all),
-        }
-    }
-}
-
-/// Escape a search value for a comma-separated OR list.
-pub(super) fn escape(value: &str) -> String {
-    value.replace('\\', "\\\\").replace(',', "\\,")
-}
-
 /// Read the people `refs` name, in bulk (`_id=a,b,c` per type).
 async fn read_people(
     store: &dyn FhirStore,
@@ -426,7 +396,7 @@ async fn read_people(
     let mut people = HashMap::new();
     for (resource_type, ids) in by_type {
         for chunk in ids.chunks(SEARCH_BATCH) {
-            let ids: Vec<String> = chunk.iter().map(|id| escape(id)).collect();
+            let ids: Vec<String> = chunk.iter().map(|id| escape_search_value(id)).collect();
             let params = vec![
                 ("_id".to_string(), ids.join(",")),
                 ("_count".to_string(), SEARCH_BATCH.to_string()),
@@ -451,7 +421,7 @@ async fn people_by_contact(
         for chunk in uuids.chunks(SEARCH_BATCH) {
             let values: Vec<String> = chunk
                 .iter()
-                .map(|u| format!("{CONTACT_UUID_SYSTEM}|{}", escape(u)))
+                .map(|u| format!("{CONTACT_UUID_SYSTEM}|{}", escape_search_value(u)))
                 .collect();
             let params = vec![
                 ("identifier".to_string(), values.join(",")),
@@ -887,7 +857,7 @@ impl GroupSync<'_> {
             "Group",
             vec![(
                 "identifier".to_string(),
-                format!("{GROUP_UUID_SYSTEM}|{}", escape(&uuid)),
+                format!("{GROUP_UUID_SYSTEM}|{}", escape_search_value(&uuid)),
             )],
         )
         .await?;
@@ -954,7 +924,7 @@ impl GroupSync<'_> {
             "Group",
             vec![(
                 "identifier".to_string(),
-                format!("{GROUP_UUID_SYSTEM}|{}", escape(&remote.uuid)),
+                format!("{GROUP_UUID_SYSTEM}|{}", escape_search_value(&remote.uuid)),
             )],
         )
         .await?;
