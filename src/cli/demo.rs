@@ -412,7 +412,9 @@ impl DemoResponder {
         for (urn, text) in due {
             match self.sandbox.receive_message(&urn, &text) {
                 Ok(_) => replies += 1,
-                Err(e) => tracing::debug!(error = %e, "demo responder: reply refused"),
+                Err(e) => {
+                    tracing::debug!(error = %crate::telemetry::redact_phones(&e), "demo responder: reply refused")
+                }
             }
         }
         // Forget finished runs.
