@@ -71,6 +71,10 @@ pub const PROFILE_FILES: &[(&str, &str)] = &[
         include_str!("../../fhir-profiles/StructureDefinition-mhero-run-summary.json"),
     ),
     (
+        "StructureDefinition-mhero-schedule-state.json",
+        include_str!("../../fhir-profiles/StructureDefinition-mhero-schedule-state.json"),
+    ),
+    (
         "StructureDefinition-mhero-workflows-details.json",
         include_str!("../../fhir-profiles/StructureDefinition-mhero-workflows-details.json"),
     ),
