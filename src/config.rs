@@ -238,6 +238,8 @@ pub struct MessagingSettings {
     pub flow_sync_interval_secs: u64,
     /// Seconds between scheduler passes in `serve`.
     pub schedule_interval_secs: u64,
+    /// Seconds between delivery status polls in `serve`.
+    pub delivery_poll_interval_secs: u64,
     /// What to do with firings that fell while the connector was down.
     pub missed_firings: MissedFirings,
     /// A firing found this many seconds after its time counts as missed.
@@ -409,6 +411,10 @@ impl Settings {
             ("claim_lease_secs", messaging.claim_lease_secs),
             ("flow_sync_interval_secs", messaging.flow_sync_interval_secs),
             ("schedule_interval_secs", messaging.schedule_interval_secs),
+            (
+                "delivery_poll_interval_secs",
+                messaging.delivery_poll_interval_secs,
+            ),
             (
                 "max_concurrent_calls",
                 messaging.max_concurrent_calls as u64,

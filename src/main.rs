@@ -154,7 +154,11 @@ async fn main() -> ExitCode {
             what: SyncTarget::Flows,
             ..
         } => sync_flows(&settings).await,
-        Command::Sync { .. } => not_yet("sync messages|runs"),
+        Command::Sync {
+            what: SyncTarget::Messages,
+            ..
+        } => sync_messages(&settings).await,
+        Command::Sync { .. } => not_yet("sync runs"),
         Command::Reindex => not_yet("reindex"),
         Command::Import { files } => import(settings, files).await,
         Command::Check => check(settings).await,
@@ -439,6 +443,23 @@ async fn sync_flows(settings: &Settings) -> ExitCode {
             } else {
                 ExitCode::from(1)
             }
+        }
+        Err(mhero::cli::sync::SyncCommandError::Config(e)) => {
+            eprintln!("cannot sync: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("sync failed: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn sync_messages(settings: &Settings) -> ExitCode {
+    match mhero::cli::sync::sync_messages(settings).await {
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
         }
         Err(mhero::cli::sync::SyncCommandError::Config(e)) => {
             eprintln!("cannot sync: {e}");

@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use crate::api::{self, AppState};
 use crate::config::{ConfigError, Settings};
 use crate::jobs::contact_sync::ContactSyncJob;
+use crate::jobs::delivery_poll::{DeliveryPoll, DeliveryPollJob};
 use crate::jobs::dispatch::{DispatchJob, Dispatcher};
 use crate::jobs::flow_sync::FlowSyncJob;
 use crate::jobs::rapidpro_directory::RapidProDirectory;
@@ -61,6 +62,8 @@ struct RapidProJobs {
     flow_sync: (Arc<FlowSyncJob>, Nudge),
     /// Creates the requests of due cron firings; nudges `dispatch`.
     schedule: (Arc<ScheduleJob>, Nudge),
+    /// RapidPro's delivery status into the outbox.
+    delivery_poll: Arc<DeliveryPollJob>,
 }
 
 /// The RapidPro jobs, if `rapidpro.base_url` and `rapidpro.token` are set.
@@ -83,6 +86,7 @@ fn rapidpro_jobs(
         .map_err(|e| ConfigError(e.to_string()))?;
     let directory =
         RapidProDirectory::new(client.clone()).with_extra_fields(rapidpro.extra_fields.clone());
+    let delivery_client = client.clone();
     let dispatcher = Dispatcher::new(
         Arc::clone(store),
         client.clone(),
@@ -115,6 +119,10 @@ fn rapidpro_jobs(
         flow_sync: (Arc::new(flow_sync), Nudge::default()),
         dispatch: (Arc::new(DispatchJob(dispatcher)), dispatch_nudge),
         schedule: (Arc::new(schedule), Nudge::default()),
+        delivery_poll: Arc::new(DeliveryPollJob(DeliveryPoll {
+            store: Arc::clone(store),
+            client: delivery_client,
+        })),
     }))
 }
 
@@ -234,6 +242,7 @@ impl Application {
             dispatch,
             flow_sync,
             schedule,
+            delivery_poll,
         }) = self.jobs
         {
             let settings = &self.state.settings;
@@ -252,6 +261,14 @@ impl Application {
             runner::spawn(flow_sync.0, interval, flow_sync.1, token.clone(), &jobs);
             let interval = Duration::from_secs(settings.messaging.schedule_interval_secs);
             runner::spawn(schedule.0, interval, schedule.1, token.clone(), &jobs);
+            let interval = Duration::from_secs(settings.messaging.delivery_poll_interval_secs);
+            runner::spawn(
+                delivery_poll,
+                interval,
+                Nudge::default(),
+                token.clone(),
+                &jobs,
+            );
         }
         jobs.close();
         let router = api::router(self.state);

@@ -386,14 +386,19 @@ fn sync_contacts_pushes_people_to_rapidpro_and_needs_it_configured() {
 }
 
 #[test]
-fn sync_flows_writes_workflow_basics_and_messages_are_not_yet_available() {
+fn sync_flows_writes_workflow_basics_and_runs_are_not_yet_available() {
     let dir = tempfile::tempdir().unwrap();
-    let unconfigured = mhero(&dir).args(["sync", "flows"]).output().unwrap();
-    assert_eq!(unconfigured.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&unconfigured.stderr).contains("rapidpro.base_url"));
-    let messages = mhero(&dir).args(["sync", "messages"]).output().unwrap();
-    assert_eq!(messages.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&messages.stderr).contains("not yet available"));
+    for what in ["flows", "messages"] {
+        let unconfigured = mhero(&dir).args(["sync", what]).output().unwrap();
+        assert_eq!(unconfigured.status.code(), Some(2), "{what}");
+        assert!(
+            String::from_utf8_lossy(&unconfigured.stderr).contains("rapidpro.base_url"),
+            "{what}"
+        );
+    }
+    let runs = mhero(&dir).args(["sync", "runs"]).output().unwrap();
+    assert_eq!(runs.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&runs.stderr).contains("not yet available"));
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let sandbox = runtime

@@ -1,4 +1,4 @@
-//! `mhero sync contacts|groups|flows|all [--full]`: one sync pass now,
+//! `mhero sync contacts|groups|flows|messages|all [--full]`: one sync pass now,
 //! with a progress bar on a terminal and a summary.
 
 use std::io::IsTerminal;
@@ -8,6 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::config::Settings;
 use crate::jobs::contact_status_poll::{ContactStatusPoll, StatusPollReport};
 use crate::jobs::contact_sync::{ContactSync, SyncReport};
+use crate::jobs::delivery_poll::{DeliveryPoll, DeliveryReport};
 use crate::jobs::flow_sync::{FlowSync, FlowSyncReport};
 use crate::jobs::group_sync::{GroupSync, GroupSyncReport};
 use crate::jobs::rapidpro_directory::RapidProDirectory;
@@ -85,6 +86,40 @@ pub async fn sync_flows(settings: &Settings) -> Result<FlowSyncReport, SyncComma
     let report = sync.run_with_progress(&progress).await;
     progress.finish_and_clear();
     report.map_err(|e| SyncCommandError::Runtime(e.to_string()))
+}
+
+/// The delivery poll: RapidPro's message status into the outbox of every
+/// request still being delivered.
+pub async fn sync_messages(settings: &Settings) -> Result<DeliveryReport, SyncCommandError> {
+    crate::install_tls_provider();
+    let client = RapidProClient::from_settings(
+        &settings.rapidpro,
+        Throttle::new(&settings.rapidpro.rate_per_hour),
+    )
+    .map_err(|e| SyncCommandError::Config(e.to_string()))?;
+    let store = open_store(&settings.fhir)
+        .await
+        .map_err(|e| SyncCommandError::Runtime(e.to_string()))?;
+    let progress = if std::io::stderr().is_terminal() {
+        ProgressBar::new_spinner()
+    } else {
+        ProgressBar::hidden()
+    };
+    progress.set_message("reading delivery status from RapidPro");
+    progress.enable_steady_tick(std::time::Duration::from_millis(120));
+    let report = DeliveryPoll { store, client }.run_once().await;
+    progress.finish_and_clear();
+    report.map_err(|e| SyncCommandError::Runtime(crate::telemetry::redact_phones(&e.to_string())))
+}
+
+impl std::fmt::Display for DeliveryReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "delivery: {} broadcasts read: {} recipients delivered or sent, {} failed, {} still waiting; {} requests completed",
+            self.broadcasts, self.delivered, self.failed, self.waiting, self.completed_requests
+        )
+    }
 }
 
 impl std::fmt::Display for GroupSyncReport {

@@ -45,8 +45,8 @@ use crate::pipeline::request::{Delivery, MessageRequest, MessageText, RecipientR
 use crate::rapidpro::client::{ContactQuery, RapidProClient, RapidProError, TimeQuery};
 use crate::rapidpro::types::{BroadcastWrite, ContactStatus, FlowStartWrite, Translated};
 use crate::store::{
-    SearchRequest, SharedStore, StoreError, StoredResource, escape_search_value, parse_etag,
-    search_all,
+    FhirStore, SearchRequest, SharedStore, StoreError, StoredResource, escape_search_value,
+    parse_etag, search_all,
 };
 
 /// Errors of one dispatch pass.
@@ -143,6 +143,9 @@ enum BatchOutcome {
     /// (by index) were left out, with RapidPro's reason.
     Accepted {
         uuid: String,
+        /// A broadcast's (deprecated but still only) id: what its
+        /// messages name, so the delivery poll can find them.
+        broadcast_id: Option<i64>,
         refused: Vec<(usize, String)>,
     },
     /// Refused as a whole (nothing created), with the reason.
@@ -522,41 +525,7 @@ impl Dispatcher {
 
     /// `completed` when no outbox entry is still open.
     async fn complete_if_final(&self, stored: &StoredResource) -> Result<bool, DispatchError> {
-        let open = self
-            .store
-            .search(SearchRequest {
-                resource_type: "Communication".into(),
-                params: vec![
-                    (
-                        "based-on".into(),
-                        format!("CommunicationRequest/{}", escape_search_value(&stored.id)),
-                    ),
-                    ("status".into(), "preparation,in-progress,on-hold".into()),
-                    ("_summary".into(), "count".into()),
-                ],
-                cursor: None,
-                lenient: false,
-            })
-            .await?
-            .total
-            .unwrap_or(1);
-        if open > 0 || stored.resource["status"] != "active" {
-            return Ok(false);
-        }
-        let result = crate::store::modify_resource(
-            self.store.as_ref(),
-            "CommunicationRequest",
-            &stored.id,
-            |current| {
-                (current["status"] == "active").then(|| {
-                    let mut updated = current.clone();
-                    updated["status"] = json!("completed");
-                    updated
-                })
-            },
-        )
-        .await?;
-        Ok(result.is_some())
+        Ok(complete_if_final(self.store.as_ref(), &stored.id).await?)
     }
 
     /// Writes resources with PUT in one transaction; returns id -> version.
@@ -689,18 +658,20 @@ impl Dispatcher {
                         report.not_done += 1;
                         outbox::refused(entry, reason)
                     }
-                    BatchOutcome::Accepted { uuid, refused } => {
-                        match refused.iter().find(|(index, _)| *index == i) {
-                            Some((_, reason)) => {
-                                report.not_done += 1;
-                                outbox::refused(entry, reason)
-                            }
-                            None => {
-                                report.sent += 1;
-                                outbox::accepted(entry, system, uuid)
-                            }
+                    BatchOutcome::Accepted {
+                        uuid,
+                        broadcast_id,
+                        refused,
+                    } => match refused.iter().find(|(index, _)| *index == i) {
+                        Some((_, reason)) => {
+                            report.not_done += 1;
+                            outbox::refused(entry, reason)
                         }
-                    }
+                        None => {
+                            report.sent += 1;
+                            outbox::accepted(entry, system, uuid, *broadcast_id)
+                        }
+                    },
                 };
                 (updated, version)
             })
@@ -804,7 +775,7 @@ impl Dispatcher {
                         ..Default::default()
                     })
                     .await
-                    .map(|b| b.uuid.unwrap_or_default()),
+                    .map(|b| (b.uuid.unwrap_or_default(), b.id)),
                 Delivery::Flow {
                     uuid,
                     params,
@@ -824,11 +795,17 @@ impl Dispatcher {
                             params: Some(params),
                         })
                         .await
-                        .map(|s| s.uuid)
+                        .map(|s| (s.uuid, None))
                 }
             };
             match result {
-                Ok(uuid) => return Ok(BatchOutcome::Accepted { uuid, refused }),
+                Ok((uuid, broadcast_id)) => {
+                    return Ok(BatchOutcome::Accepted {
+                        uuid,
+                        broadcast_id,
+                        refused,
+                    });
+                }
                 Err(RapidProError::Invalid(errors)) => {
                     let urn_errors = errors.urn_errors();
                     if !urn_errors.is_empty() {
@@ -910,10 +887,11 @@ impl Dispatcher {
                 .find_in_rapidpro(delivery, &batch, target, prepared_at)
                 .await?
             {
-                Some(uuid) => {
+                Some((uuid, broadcast_id)) => {
                     report.reconciled += 1;
                     BatchOutcome::Accepted {
                         uuid,
+                        broadcast_id,
                         refused: Vec::new(),
                     }
                 }
@@ -941,7 +919,7 @@ impl Dispatcher {
         batch: &str,
         target: Target<'_>,
         prepared_at: DateTime<Utc>,
-    ) -> Result<Option<String>, DispatchError> {
+    ) -> Result<Option<(String, Option<i64>)>, DispatchError> {
         // Clocks differ: look a little before the batch was written.
         let query = TimeQuery {
             after: Some(prepared_at - chrono::Duration::minutes(10)),
@@ -958,7 +936,7 @@ impl Dispatcher {
                         .and_then(Value::as_str)
                         == Some(batch)
                     {
-                        return Ok(Some(start.uuid));
+                        return Ok(Some((start.uuid, None)));
                     }
                 }
                 Ok(None)
@@ -988,7 +966,7 @@ impl Dispatcher {
                         let named: HashSet<&str> =
                             broadcast.groups.iter().map(|g| g.uuid.as_str()).collect();
                         if named == wanted_groups {
-                            return Ok(broadcast.uuid);
+                            return Ok(broadcast.uuid.map(|uuid| (uuid, broadcast.id)));
                         }
                         continue;
                     }
@@ -1009,13 +987,51 @@ impl Dispatcher {
                     let nobody_else = contacts.iter().all(|c| wanted_contacts.contains(c))
                         && urns.iter().all(|u| wanted_urns.contains(u));
                     if all_in && nobody_else && !addresses.is_empty() {
-                        return Ok(broadcast.uuid);
+                        return Ok(broadcast.uuid.map(|uuid| (uuid, broadcast.id)));
                     }
                 }
                 Ok(None)
             }
         }
     }
+}
+
+/// Marks request `id` `completed` when it is fully dispatched (dispatch
+/// state `dispatched`) and none of its outbox entries is still open
+/// (`preparation`, `in-progress`, `on-hold`). Used by the dispatcher and by
+/// the syncs that bring delivery and run outcomes back. True if it did.
+pub async fn complete_if_final(store: &dyn FhirStore, id: &str) -> Result<bool, StoreError> {
+    let open = store
+        .search(SearchRequest {
+            resource_type: "Communication".into(),
+            params: vec![
+                (
+                    "based-on".into(),
+                    format!("CommunicationRequest/{}", escape_search_value(id)),
+                ),
+                ("status".into(), "preparation,in-progress,on-hold".into()),
+                ("_summary".into(), "count".into()),
+            ],
+            cursor: None,
+            lenient: false,
+        })
+        .await?
+        .total
+        .unwrap_or(1);
+    if open > 0 {
+        return Ok(false);
+    }
+    let result = crate::store::modify_resource(store, "CommunicationRequest", id, |current| {
+        (current["status"] == "active" && DispatchState::read(current).phase == "dispatched").then(
+            || {
+                let mut updated = current.clone();
+                updated["status"] = json!("completed");
+                updated
+            },
+        )
+    })
+    .await?;
+    Ok(result.is_some())
 }
 
 fn broadcast_text(text: &MessageText) -> Translated<String> {

@@ -12,6 +12,7 @@ pub mod contact_status_poll;
 pub mod contact_sync;
 pub mod contact_writeback;
 pub mod cursor;
+pub mod delivery_poll;
 pub mod dispatch;
 pub mod flow_sync;
 pub mod group_sync;

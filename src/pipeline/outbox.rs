@@ -18,6 +18,8 @@ pub const BATCH_SYSTEM: &str = "http://mhero.org/fhir/identifier/dispatch-batch"
 /// Identifier systems of what RapidPro made of a batch.
 pub const BROADCAST_SYSTEM: &str = "http://app.rapidpro.io/broadcast-uuid";
 pub const FLOW_START_SYSTEM: &str = "http://app.rapidpro.io/flow-start-uuid";
+/// A broadcast's numeric id, which its messages carry (`messages.broadcast`).
+pub const BROADCAST_ID_SYSTEM: &str = "http://app.rapidpro.io/broadcast-id";
 /// How the recipient was addressed in RapidPro (sub-extensions `contact`
 /// and/or `urn`, and `group` when the batch named RapidPro groups) and
 /// which delivery of the request this is (`delivery`).
@@ -255,11 +257,19 @@ pub fn address(communication: &Value) -> (Option<String>, Option<String>) {
 }
 
 /// The entry, accepted by RapidPro as `rapidpro_uuid` (a broadcast or a
-/// flow start): `in-progress`, with the identifier.
-pub fn accepted(communication: Value, system: &str, rapidpro_uuid: &str) -> Value {
+/// flow start): `in-progress`, with the identifier (and the broadcast's id).
+pub fn accepted(
+    communication: Value,
+    system: &str,
+    rapidpro_uuid: &str,
+    broadcast_id: Option<i64>,
+) -> Value {
     let mut updated = communication;
     updated["status"] = json!("in-progress");
     push_identifier(&mut updated, system, rapidpro_uuid);
+    if let Some(id) = broadcast_id {
+        push_identifier(&mut updated, BROADCAST_ID_SYSTEM, &id.to_string());
+    }
     strip_store_meta(&mut updated);
     updated
 }

@@ -1,0 +1,201 @@
+//! Delivery status from the RapidPro sandbox into the outbox: sent and
+//! delivered messages complete their Communication, a message to a blocked
+//! contact fails it with a reason, the request completes once everything is
+//! final (never while it is still being dispatched), and a second poll
+//! changes nothing.
+
+mod common;
+
+use std::sync::Arc;
+
+use mhero::jobs::delivery_poll::DeliveryPoll;
+use mhero::jobs::dispatch::{Dispatcher, Step};
+use mhero::pipeline::phone::PhoneNormalizer;
+use mhero::rapidpro::sandbox::{SandboxServer, SandboxSettings};
+use mhero::store::SharedStore;
+use mhero::store::sqlite::SqliteStore;
+use serde_json::{Value, json};
+
+struct World {
+    dir: tempfile::TempDir,
+    store: SharedStore,
+    sandbox: SandboxServer,
+}
+
+impl World {
+    async fn with_people(n: usize) -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let store: SharedStore = Arc::new(
+            SqliteStore::open(&dir.path().join("fhir.sqlite"))
+                .await
+                .unwrap(),
+        );
+        for i in 0..n {
+            let id = format!("p{i}");
+            store
+                .update(
+                    "Practitioner",
+                    &id,
+                    json!({ "resourceType": "Practitioner", "id": id,
+                        "telecom": [{ "system": "phone", "value": format!("077 000 {:04}", 1000 + i) }] }),
+                    None,
+                )
+                .await
+                .unwrap();
+        }
+        let sandbox = SandboxServer::start(SandboxSettings::default())
+            .await
+            .unwrap();
+        World {
+            dir,
+            store,
+            sandbox,
+        }
+    }
+
+    async fn dispatcher(&self) -> Dispatcher {
+        Dispatcher::new(
+            Arc::clone(&self.store),
+            common::rapidpro_client_for(&self.sandbox).await,
+            Arc::new(PhoneNormalizer::new(Some("LR")).unwrap()),
+            common::test_settings(&self.dir, &[]).messaging,
+        )
+    }
+
+    async fn poll(&self) -> DeliveryPoll {
+        DeliveryPoll {
+            store: Arc::clone(&self.store),
+            client: common::rapidpro_client_for(&self.sandbox).await,
+        }
+    }
+
+    async fn request(&self, id: &str, people: std::ops::Range<usize>) {
+        let recipients: Vec<Value> = people
+            .map(|i| json!({ "reference": format!("Practitioner/p{i}") }))
+            .collect();
+        self.store
+            .update(
+                "CommunicationRequest",
+                id,
+                json!({ "resourceType": "CommunicationRequest", "id": id, "status": "active",
+                    "recipient": recipients, "payload": [{ "contentString": format!("Message {id}") }] }),
+                None,
+            )
+            .await
+            .unwrap();
+    }
+
+    /// The sandbox moves every message as far as it goes.
+    fn deliver(&self) {
+        for _ in 0..4 {
+            self.sandbox.sandbox().tick();
+        }
+    }
+
+    async fn status(&self, id: &str) -> String {
+        self.store
+            .read("CommunicationRequest", id)
+            .await
+            .unwrap()
+            .resource["status"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+}
+
+#[tokio::test]
+async fn delivered_messages_complete_the_outbox_and_a_blocked_contact_fails() {
+    let world = World::with_people(3).await;
+    world.request("first", 0..3).await;
+    world.dispatcher().await.run_once().await.unwrap();
+    world.deliver();
+    // p1's contact (created by the first broadcast) is blocked in RapidPro.
+    let state = world.sandbox.sandbox().state();
+    let p1 = state["contacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["urns"][0] == "tel:+231770001001")
+        .unwrap()["uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(world.sandbox.sandbox().set_contact_status(&p1, "blocked"));
+    world.request("second", 0..3).await;
+    world.dispatcher().await.run_once().await.unwrap();
+    world.deliver();
+
+    let report = world.poll().await.run_once().await.unwrap();
+    assert_eq!((report.delivered, report.failed), (5, 1), "{report:?}");
+    assert_eq!(report.completed_requests, 2, "{report:?}");
+    assert_eq!(world.status("first").await, "completed");
+    assert_eq!(world.status("second").await, "completed");
+
+    let second = common::outbox_of(world.store.as_ref(), "second").await;
+    let failed = second.iter().find(|c| c["status"] == "not-done").unwrap();
+    assert_eq!(failed["recipient"][0]["reference"], "Practitioner/p1");
+    assert!(
+        failed["statusReason"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("blocked")
+    );
+    for c in second.iter().filter(|c| c["status"] == "completed") {
+        assert!(c["sent"].is_string(), "{c}");
+    }
+
+    // Nothing moves twice.
+    let versions: Vec<Value> = second
+        .iter()
+        .map(|c| c["meta"]["versionId"].clone())
+        .collect();
+    let again = world.poll().await.run_once().await.unwrap();
+    assert_eq!(
+        (again.delivered, again.failed, again.broadcasts),
+        (0, 0, 0),
+        "{again:?}"
+    );
+    let after: Vec<Value> = common::outbox_of(world.store.as_ref(), "second")
+        .await
+        .iter()
+        .map(|c| c["meta"]["versionId"].clone())
+        .collect();
+    assert_eq!(versions, after);
+}
+
+#[tokio::test]
+async fn a_request_still_being_dispatched_is_not_completed_early() {
+    let world = World::with_people(150).await;
+    world.request("big", 0..150).await;
+    // The dispatcher dies after the first batch of 100 is marked sent.
+    let mut settings = common::test_settings(&world.dir, &[]).messaging;
+    settings.max_concurrent_calls = 1;
+    let crashing = Dispatcher::new(
+        Arc::clone(&world.store),
+        common::rapidpro_client_for(&world.sandbox).await,
+        Arc::new(PhoneNormalizer::new(Some("LR")).unwrap()),
+        settings,
+    )
+    .crash_at(Step::BatchMarked, 1);
+    assert!(crashing.run_once().await.is_err());
+    world.deliver();
+    let report = world.poll().await.run_once().await.unwrap();
+    assert_eq!(report.delivered, 100, "{report:?}");
+    assert_eq!(report.completed_requests, 0);
+    assert_eq!(
+        world.status("big").await,
+        "active",
+        "50 recipients are not even planned yet"
+    );
+
+    world.dispatcher().await.run_once().await.unwrap();
+    world.deliver();
+    let report = world.poll().await.run_once().await.unwrap();
+    assert_eq!(
+        (report.delivered, report.completed_requests),
+        (50, 1),
+        "{report:?}"
+    );
+    assert_eq!(world.status("big").await, "completed");
+}
