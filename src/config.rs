@@ -240,6 +240,16 @@ pub struct MessagingSettings {
     pub schedule_interval_secs: u64,
     /// Seconds between delivery status polls in `serve`.
     pub delivery_poll_interval_secs: u64,
+    /// Inbound texts (trimmed, any case) that opt the sender out.
+    pub stop_keywords: Vec<String>,
+    /// Inbound texts that opt the sender back in.
+    pub start_keywords: Vec<String>,
+    /// A reply is linked (`inResponseTo`) to the last message sent to that
+    /// person within this many hours.
+    pub reply_window_hours: u64,
+    /// `Communication.recipient` of inbound messages (e.g.
+    /// `Organization/moh`); empty = none.
+    pub organization_reference: String,
     /// What to do with firings that fell while the connector was down.
     pub missed_firings: MissedFirings,
     /// A firing found this many seconds after its time counts as missed.
@@ -319,6 +329,8 @@ impl Settings {
             .list_separator(",")
             .with_list_parse_key("auth.api_keys")
             .with_list_parse_key("rapidpro.extra_fields")
+            .with_list_parse_key("messaging.stop_keywords")
+            .with_list_parse_key("messaging.start_keywords")
             .try_parsing(true)
             .source(env);
         builder = builder.add_source(environment);

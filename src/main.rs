@@ -457,8 +457,8 @@ async fn sync_flows(settings: &Settings) -> ExitCode {
 
 async fn sync_messages(settings: &Settings) -> ExitCode {
     match mhero::cli::sync::sync_messages(settings).await {
-        Ok(report) => {
-            print!("{report}");
+        Ok((delivery, inbound)) => {
+            print!("{delivery}{inbound}");
             ExitCode::SUCCESS
         }
         Err(mhero::cli::sync::SyncCommandError::Config(e)) => {

@@ -16,6 +16,7 @@ use crate::jobs::contact_sync::ContactSyncJob;
 use crate::jobs::delivery_poll::{DeliveryPoll, DeliveryPollJob};
 use crate::jobs::dispatch::{DispatchJob, Dispatcher};
 use crate::jobs::flow_sync::FlowSyncJob;
+use crate::jobs::inbound_poll::{InboundPoll, InboundPollJob};
 use crate::jobs::rapidpro_directory::RapidProDirectory;
 use crate::jobs::runner::{self, Nudge};
 use crate::jobs::schedule::{ScheduleJob, Scheduler};
@@ -64,6 +65,8 @@ struct RapidProJobs {
     schedule: (Arc<ScheduleJob>, Nudge),
     /// RapidPro's delivery status into the outbox.
     delivery_poll: Arc<DeliveryPollJob>,
+    /// Replies outside flows, and STOP/START.
+    inbound_poll: Arc<InboundPollJob>,
 }
 
 /// The RapidPro jobs, if `rapidpro.base_url` and `rapidpro.token` are set.
@@ -121,7 +124,13 @@ fn rapidpro_jobs(
         schedule: (Arc::new(schedule), Nudge::default()),
         delivery_poll: Arc::new(DeliveryPollJob(DeliveryPoll {
             store: Arc::clone(store),
+            client: delivery_client.clone(),
+        })),
+        inbound_poll: Arc::new(InboundPollJob(InboundPoll {
+            store: Arc::clone(store),
             client: delivery_client,
+            settings: settings.messaging.clone(),
+            overlap: Duration::from_secs(rapidpro.contact_poll_overlap_secs),
         })),
     }))
 }
@@ -243,6 +252,7 @@ impl Application {
             flow_sync,
             schedule,
             delivery_poll,
+            inbound_poll,
         }) = self.jobs
         {
             let settings = &self.state.settings;
@@ -264,6 +274,13 @@ impl Application {
             let interval = Duration::from_secs(settings.messaging.delivery_poll_interval_secs);
             runner::spawn(
                 delivery_poll,
+                interval,
+                Nudge::default(),
+                token.clone(),
+                &jobs,
+            );
+            runner::spawn(
+                inbound_poll,
                 interval,
                 Nudge::default(),
                 token.clone(),

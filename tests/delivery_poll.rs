@@ -199,3 +199,126 @@ async fn a_request_still_being_dispatched_is_not_completed_early() {
     );
     assert_eq!(world.status("big").await, "completed");
 }
+
+impl World {
+    async fn inbound(&self) -> mhero::jobs::inbound_poll::InboundPoll {
+        let mut settings = common::test_settings(&self.dir, &[]).messaging;
+        settings.organization_reference = "Organization/moh".into();
+        mhero::jobs::inbound_poll::InboundPoll {
+            store: Arc::clone(&self.store),
+            client: common::rapidpro_client_for(&self.sandbox).await,
+            settings,
+            overlap: std::time::Duration::from_secs(300),
+        }
+    }
+
+    /// Contacts are known to FHIR by their uuid (as the contact sync
+    /// writes it back).
+    async fn link_contacts(&self) {
+        let state = self.sandbox.sandbox().state();
+        for contact in state["contacts"].as_array().unwrap() {
+            let urn = contact["urns"][0].as_str().unwrap();
+            let n: usize = urn
+                .trim_start_matches("tel:+23177000")
+                .parse::<usize>()
+                .unwrap()
+                - 1000;
+            let id = format!("p{n}");
+            let uuid = contact["uuid"].as_str().unwrap().to_string();
+            mhero::store::modify_resource(self.store.as_ref(), "Practitioner", &id, |p| {
+                let mut p = p.clone();
+                p["identifier"] =
+                    json!([{ "system": "http://app.rapidpro.io/contact-uuid", "value": uuid }]);
+                Some(p)
+            })
+            .await
+            .unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn replies_are_recorded_once_linked_to_what_was_sent_and_stop_opts_out() {
+    let world = World::with_people(2).await;
+    world.request("ask", 0..2).await;
+    world.dispatcher().await.run_once().await.unwrap();
+    world.deliver();
+    world.link_contacts().await;
+    world
+        .sandbox
+        .sandbox()
+        .receive_message("tel:+231770001000", "We have 40 ORS sachets")
+        .unwrap();
+    world
+        .sandbox
+        .sandbox()
+        .receive_message("tel:+231770001001", " stop ")
+        .unwrap();
+
+    let report = world.inbound().await.run_once().await.unwrap();
+    assert_eq!(
+        (report.read, report.recorded, report.opted_out),
+        (2, 2, 1),
+        "{report:?}"
+    );
+    let replies = mhero::store::search_all(
+        world.store.as_ref(),
+        "Communication",
+        vec![("sender".into(), "Practitioner/p0".into())],
+    )
+    .await
+    .unwrap();
+    assert_eq!(replies.len(), 1);
+    let reply = &replies[0].resource;
+    assert_eq!(
+        reply["payload"][0]["contentString"],
+        "We have 40 ORS sachets"
+    );
+    assert_eq!(reply["recipient"][0]["reference"], "Organization/moh");
+    assert_eq!(reply["basedOn"][0]["reference"], "CommunicationRequest/ask");
+    let sent_to_p0 = common::outbox_of(world.store.as_ref(), "ask")
+        .await
+        .into_iter()
+        .find(|c| c["recipient"][0]["reference"] == "Practitioner/p0")
+        .unwrap();
+    assert_eq!(
+        reply["inResponseTo"][0]["reference"],
+        format!("Communication/{}", sent_to_p0["id"].as_str().unwrap())
+    );
+    assert_eq!(reply["medium"][0]["coding"][0]["code"], "SMSWRIT");
+    let p1 = world
+        .store
+        .read("Practitioner", "p1")
+        .await
+        .unwrap()
+        .resource;
+    assert!(p1["meta"]["tag"].to_string().contains("optedout"), "{p1}");
+
+    // Read again: nothing new, no second opt-out.
+    let again = world.inbound().await.run_once().await.unwrap();
+    assert_eq!((again.recorded, again.opted_out), (0, 0), "{again:?}");
+
+    // The opted-out worker is not messaged; START brings them back.
+    world.request("next", 0..2).await;
+    world.dispatcher().await.run_once().await.unwrap();
+    let next = common::outbox_of(world.store.as_ref(), "next").await;
+    let p1_entry = next
+        .iter()
+        .find(|c| c["recipient"][0]["reference"] == "Practitioner/p1")
+        .unwrap();
+    assert_eq!(p1_entry["status"], "not-done");
+    world
+        .sandbox
+        .sandbox()
+        .receive_message("tel:+231770001001", "Start")
+        .unwrap();
+    let back = world.inbound().await.run_once().await.unwrap();
+    assert_eq!(back.opted_in, 1, "{back:?}");
+    let p1 = world
+        .store
+        .read("Practitioner", "p1")
+        .await
+        .unwrap()
+        .resource;
+    assert!(!p1["meta"]["tag"].to_string().contains("optedout"), "{p1}");
+}

@@ -11,6 +11,7 @@ use crate::jobs::contact_sync::{ContactSync, SyncReport};
 use crate::jobs::delivery_poll::{DeliveryPoll, DeliveryReport};
 use crate::jobs::flow_sync::{FlowSync, FlowSyncReport};
 use crate::jobs::group_sync::{GroupSync, GroupSyncReport};
+use crate::jobs::inbound_poll::{InboundPoll, InboundReport};
 use crate::jobs::rapidpro_directory::RapidProDirectory;
 use crate::pipeline::phone::PhoneNormalizer;
 use crate::rapidpro::client::RapidProClient;
@@ -90,7 +91,9 @@ pub async fn sync_flows(settings: &Settings) -> Result<FlowSyncReport, SyncComma
 
 /// The delivery poll: RapidPro's message status into the outbox of every
 /// request still being delivered.
-pub async fn sync_messages(settings: &Settings) -> Result<DeliveryReport, SyncCommandError> {
+pub async fn sync_messages(
+    settings: &Settings,
+) -> Result<(DeliveryReport, InboundReport), SyncCommandError> {
     crate::install_tls_provider();
     let client = RapidProClient::from_settings(
         &settings.rapidpro,
@@ -107,9 +110,37 @@ pub async fn sync_messages(settings: &Settings) -> Result<DeliveryReport, SyncCo
     };
     progress.set_message("reading delivery status from RapidPro");
     progress.enable_steady_tick(std::time::Duration::from_millis(120));
-    let report = DeliveryPoll { store, client }.run_once().await;
+    let failed = |e: &dyn std::fmt::Display| {
+        SyncCommandError::Runtime(crate::telemetry::redact_phones(&e.to_string()))
+    };
+    let delivery = DeliveryPoll {
+        store: std::sync::Arc::clone(&store),
+        client: client.clone(),
+    }
+    .run_once()
+    .await
+    .map_err(|e| failed(&e));
+    let inbound = InboundPoll {
+        store,
+        client,
+        settings: settings.messaging.clone(),
+        overlap: std::time::Duration::from_secs(settings.rapidpro.contact_poll_overlap_secs),
+    }
+    .run_once()
+    .await
+    .map_err(|e| failed(&e));
     progress.finish_and_clear();
-    report.map_err(|e| SyncCommandError::Runtime(crate::telemetry::redact_phones(&e.to_string())))
+    Ok((delivery?, inbound?))
+}
+
+impl std::fmt::Display for InboundReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "inbound: {} messages read, {} recorded, {} from contacts no person has, {} opted out, {} opted back in",
+            self.read, self.recorded, self.unknown_sender, self.opted_out, self.opted_in
+        )
+    }
 }
 
 impl std::fmt::Display for DeliveryReport {

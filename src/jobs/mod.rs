@@ -16,6 +16,7 @@ pub mod delivery_poll;
 pub mod dispatch;
 pub mod flow_sync;
 pub mod group_sync;
+pub mod inbound_poll;
 pub mod rapidpro_directory;
 pub mod runner;
 pub mod schedule;

@@ -157,7 +157,7 @@ pub fn communication(
 }
 
 /// `ParticipationMode` of the URN scheme.
-fn medium(urn: &str) -> Value {
+pub fn medium(urn: &str) -> Value {
     let (code, display) = match urn.split(':').next().unwrap_or("") {
         "tel" => ("SMSWRIT", "SMS message"),
         "mailto" => ("EMAILWRIT", "email"),
