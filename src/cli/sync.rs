@@ -58,9 +58,11 @@ pub async fn sync_groups(
     report.map_err(|e| SyncCommandError::Runtime(e.to_string()))
 }
 
-/// The flow sync: every RapidPro flow -> a FHIR Basic (mHeroWorkflows).
-/// Every pass reads all flows, so `--full` changes nothing.
-pub async fn sync_flows(settings: &Settings) -> Result<FlowSyncReport, SyncCommandError> {
+/// What the RapidPro passes need: the client, the store, and a spinner on
+/// a terminal (hidden otherwise).
+async fn client_store_and_spinner(
+    settings: &Settings,
+) -> Result<(RapidProClient, crate::store::SharedStore, ProgressBar), SyncCommandError> {
     crate::install_tls_provider();
     let client = RapidProClient::from_settings(
         &settings.rapidpro,
@@ -75,6 +77,13 @@ pub async fn sync_flows(settings: &Settings) -> Result<FlowSyncReport, SyncComma
     } else {
         ProgressBar::hidden()
     };
+    Ok((client, store, progress))
+}
+
+/// The flow sync: every RapidPro flow -> a FHIR Basic (mHeroWorkflows).
+/// Every pass reads all flows, so `--full` changes nothing.
+pub async fn sync_flows(settings: &Settings) -> Result<FlowSyncReport, SyncCommandError> {
+    let (client, store, progress) = client_store_and_spinner(settings).await?;
     progress.set_style(
         ProgressStyle::with_template("{spinner} syncing flows: {pos} read from RapidPro")
             .unwrap_or_else(|_| ProgressStyle::default_spinner()),
@@ -89,25 +98,13 @@ pub async fn sync_flows(settings: &Settings) -> Result<FlowSyncReport, SyncComma
     report.map_err(|e| SyncCommandError::Runtime(e.to_string()))
 }
 
-/// The delivery poll: RapidPro's message status into the outbox of every
-/// request still being delivered.
+/// The message polls: RapidPro's delivery status into the outbox of every
+/// request still being delivered, then replies outside flows (and
+/// STOP/START).
 pub async fn sync_messages(
     settings: &Settings,
 ) -> Result<(DeliveryReport, InboundReport), SyncCommandError> {
-    crate::install_tls_provider();
-    let client = RapidProClient::from_settings(
-        &settings.rapidpro,
-        Throttle::new(&settings.rapidpro.rate_per_hour),
-    )
-    .map_err(|e| SyncCommandError::Config(e.to_string()))?;
-    let store = open_store(&settings.fhir)
-        .await
-        .map_err(|e| SyncCommandError::Runtime(e.to_string()))?;
-    let progress = if std::io::stderr().is_terminal() {
-        ProgressBar::new_spinner()
-    } else {
-        ProgressBar::hidden()
-    };
+    let (client, store, progress) = client_store_and_spinner(settings).await?;
     progress.set_message("reading delivery status from RapidPro");
     progress.enable_steady_tick(std::time::Duration::from_millis(120));
     let failed = |e: &dyn std::fmt::Display| {
