@@ -294,6 +294,26 @@ async fn replies_are_recorded_once_linked_to_what_was_sent_and_stop_opts_out() {
         .resource;
     assert!(p1["meta"]["tag"].to_string().contains("optedout"), "{p1}");
 
+    // RapidPro still has the contact active (the STOP came as a text): the
+    // contact status poll must not undo the person's own opt-out.
+    let client = common::rapidpro_client_for(&world.sandbox).await;
+    mhero::jobs::contact_status_poll::ContactStatusPoll {
+        store: world.store.as_ref(),
+        client: &client,
+        import_unknown_contacts: false,
+        overlap: chrono::Duration::seconds(300),
+    }
+    .run_once()
+    .await
+    .unwrap();
+    let p1 = world
+        .store
+        .read("Practitioner", "p1")
+        .await
+        .unwrap()
+        .resource;
+    assert!(p1["meta"]["tag"].to_string().contains("optedout"), "{p1}");
+
     // Read again: nothing new, no second opt-out.
     let again = world.inbound().await.run_once().await.unwrap();
     assert_eq!((again.recorded, again.opted_out), (0, 0), "{again:?}");

@@ -1,11 +1,13 @@
 //! RapidPro -> FHIR contact status: a contact that RapidPro reports as
 //! `stopped` or `blocked` (the person sent STOP, or an operator blocked
-//! them) gets the opt-out tag on its FHIR person; back to `active` removes
-//! it. `archived` says nothing about consent and changes nothing, and
+//! them) gets the opt-out tag on its FHIR person (with a marker saying
+//! RapidPro's status caused it); back to `active` removes an opt-out only
+//! when RapidPro's status caused it, never one the person asked for through
+//! the API, the emNutt route or a STOP keyword. `archived` says nothing about consent and changes nothing, and
 //! neither does a block the connector made itself (a deactivated person).
 
 use super::contact_writeback::blocked_by_connector;
-use crate::pipeline::contact::with_opt_out;
+use crate::pipeline::contact::with_rapidpro_opt_out;
 use crate::store::{FhirStore, StoreResult, modify_resource};
 
 /// What a RapidPro contact status means for consent.
@@ -31,7 +33,7 @@ pub async fn apply_status(
         if status == "blocked" && blocked_by_connector(current) {
             return None;
         }
-        with_opt_out(current, opted_out)
+        with_rapidpro_opt_out(current, opted_out)
     })
     .await?;
     Ok(written.is_some())
@@ -109,6 +111,41 @@ mod tests {
                 .await
                 .unwrap(),
             "a STOP is still the person's own"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_opt_out_the_person_asked_for_is_not_lifted_by_an_active_contact() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("fhir.sqlite"))
+            .await
+            .unwrap();
+        // Opted out through the API (emNutt route, STOP keyword): RapidPro
+        // still has the contact active.
+        let person = json!({"resourceType": "Practitioner", "id": "p", "active": true});
+        let opted = crate::pipeline::contact::with_opt_out(&person, true).unwrap();
+        store
+            .update("Practitioner", "p", opted, None)
+            .await
+            .unwrap();
+        assert!(
+            !apply_status(&store, "Practitioner", "p", "active")
+                .await
+                .unwrap(),
+            "RapidPro's active status does not undo the person's own opt-out"
+        );
+        let read = store.read("Practitioner", "p").await.unwrap();
+        assert_eq!(read.resource["meta"]["tag"][0]["code"], "optedout");
+        // A RapidPro stop on top changes nothing, and active still doesn't lift it.
+        assert!(
+            !apply_status(&store, "Practitioner", "p", "stopped")
+                .await
+                .unwrap()
+        );
+        assert!(
+            !apply_status(&store, "Practitioner", "p", "active")
+                .await
+                .unwrap()
         );
     }
 }

@@ -53,18 +53,31 @@ impl ContactDraft {
     }
 }
 
-/// `resource` with the opt-out tag added (`opted_out`) or removed; `None`
-/// if it already says so. Other tags and `meta` elements are kept.
-pub fn with_opt_out(resource: &Value, opted_out: bool) -> Option<Value> {
-    let is_opt_out = |t: &Value| {
-        t.get("system").and_then(Value::as_str) == Some(OPT_OUT_SYSTEM)
-            && t.get("code").and_then(Value::as_str) == Some(OPT_OUT_CODE)
-    };
-    let has = resource
+/// Marks an opt-out tag that RapidPro's contact status (stopped, blocked)
+/// caused: only such an opt-out is lifted when RapidPro says `active` again.
+pub const OPT_OUT_BY_RAPIDPRO_CODE: &str = "optedout-by-rapidpro-status";
+
+fn has_tag(resource: &Value, code: &str) -> bool {
+    resource
         .pointer("/meta/tag")
         .and_then(Value::as_array)
-        .is_some_and(|tags| tags.iter().any(is_opt_out));
-    if has == opted_out {
+        .is_some_and(|tags| {
+            tags.iter().any(|t| {
+                t.get("system").and_then(Value::as_str) == Some(OPT_OUT_SYSTEM)
+                    && t.get("code").and_then(Value::as_str) == Some(code)
+            })
+        })
+}
+
+/// `resource` with exactly these mHero consent tags: the opt-out tag if
+/// `opted_out`, and the RapidPro-status marker if `by_rapidpro` (only with
+/// the opt-out). Other tags and `meta` elements are kept. `None` if it
+/// already says so.
+fn with_consent_tags(resource: &Value, opted_out: bool, by_rapidpro: bool) -> Option<Value> {
+    let by_rapidpro = opted_out && by_rapidpro;
+    if has_tag(resource, OPT_OUT_CODE) == opted_out
+        && has_tag(resource, OPT_OUT_BY_RAPIDPRO_CODE) == by_rapidpro
+    {
         return None;
     }
     let mut updated = resource.clone();
@@ -75,15 +88,50 @@ pub fn with_opt_out(resource: &Value, opted_out: bool) -> Option<Value> {
     let meta = meta.as_object_mut()?;
     let tags = meta.entry("tag").or_insert_with(|| serde_json::json!([]));
     let tags = tags.as_array_mut()?;
+    tags.retain(|t| {
+        t.get("system").and_then(Value::as_str) != Some(OPT_OUT_SYSTEM)
+            || !matches!(
+                t.get("code").and_then(Value::as_str),
+                Some(OPT_OUT_CODE) | Some(OPT_OUT_BY_RAPIDPRO_CODE)
+            )
+    });
     if opted_out {
         tags.push(serde_json::json!({ "system": OPT_OUT_SYSTEM, "code": OPT_OUT_CODE, "display": "Opted out of mHero messages" }));
-    } else {
-        tags.retain(|t| !is_opt_out(t));
-        if tags.is_empty() {
-            meta.remove("tag");
-        }
+    }
+    if by_rapidpro {
+        tags.push(serde_json::json!({ "system": OPT_OUT_SYSTEM, "code": OPT_OUT_BY_RAPIDPRO_CODE, "display": "Opt-out set because the RapidPro contact is stopped or blocked" }));
+    }
+    if tags.is_empty() {
+        meta.remove("tag");
+    }
+    if meta.is_empty() {
+        object.remove("meta");
     }
     Some(updated)
+}
+
+/// `resource` opted out (or back in) by the person or an operator (API,
+/// emNutt route, STOP/START keyword): such an opt-out is not lifted by
+/// RapidPro's status. `None` if it already says so.
+pub fn with_opt_out(resource: &Value, opted_out: bool) -> Option<Value> {
+    with_consent_tags(resource, opted_out, false)
+}
+
+/// `resource` after RapidPro reported its contact `stopped`/`blocked`
+/// (`opted_out`) or `active`: `active` lifts only an opt-out that RapidPro's
+/// status caused, never one the person asked for another way.
+pub fn with_rapidpro_opt_out(resource: &Value, opted_out: bool) -> Option<Value> {
+    let opted_out_already = has_tag(resource, OPT_OUT_CODE);
+    let by_rapidpro = has_tag(resource, OPT_OUT_BY_RAPIDPRO_CODE);
+    match (opted_out, opted_out_already) {
+        // A new opt-out: RapidPro's.
+        (true, false) => with_consent_tags(resource, true, true),
+        // Already opted out (by RapidPro or otherwise): nothing to add.
+        (true, true) => None,
+        // Back to active: lift only RapidPro's own opt-out.
+        (false, true) if by_rapidpro => with_consent_tags(resource, false, false),
+        (false, _) => None,
+    }
 }
 
 /// HumanName rules: `official` over `usual` over the first name; `text`
