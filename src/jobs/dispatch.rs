@@ -522,41 +522,10 @@ impl Dispatcher {
 
     /// `completed` when no outbox entry is still open.
     async fn complete_if_final(&self, stored: &StoredResource) -> Result<bool, DispatchError> {
-        let open = self
-            .store
-            .search(SearchRequest {
-                resource_type: "Communication".into(),
-                params: vec![
-                    (
-                        "based-on".into(),
-                        format!("CommunicationRequest/{}", escape_search_value(&stored.id)),
-                    ),
-                    ("status".into(), "preparation,in-progress,on-hold".into()),
-                    ("_summary".into(), "count".into()),
-                ],
-                cursor: None,
-                lenient: false,
-            })
-            .await?
-            .total
-            .unwrap_or(1);
-        if open > 0 || stored.resource["status"] != "active" {
+        if stored.resource["status"] != "active" {
             return Ok(false);
         }
-        let result = crate::store::modify_resource(
-            self.store.as_ref(),
-            "CommunicationRequest",
-            &stored.id,
-            |current| {
-                (current["status"] == "active").then(|| {
-                    let mut updated = current.clone();
-                    updated["status"] = json!("completed");
-                    updated
-                })
-            },
-        )
-        .await?;
-        Ok(result.is_some())
+        Ok(complete_request_if_final(self.store.as_ref(), &stored.id).await?)
     }
 
     /// Writes resources with PUT in one transaction; returns id -> version.
@@ -1016,6 +985,46 @@ impl Dispatcher {
             }
         }
     }
+}
+
+/// Marks `CommunicationRequest/<request_id>` `completed` (with `If-Match`)
+/// when it is `active` and none of its outbox entries is still open
+/// (`preparation`, `in-progress`, `on-hold`). Shared by the dispatcher and
+/// the delivery / flow-result updates. True when it changed.
+pub async fn complete_request_if_final(
+    store: &dyn crate::store::FhirStore,
+    request_id: &str,
+) -> Result<bool, StoreError> {
+    let open = store
+        .search(SearchRequest {
+            resource_type: "Communication".into(),
+            params: vec![
+                (
+                    "based-on".into(),
+                    format!("CommunicationRequest/{}", escape_search_value(request_id)),
+                ),
+                ("status".into(), "preparation,in-progress,on-hold".into()),
+                ("_summary".into(), "count".into()),
+            ],
+            cursor: None,
+            lenient: false,
+        })
+        .await?
+        .total
+        .unwrap_or(1);
+    if open > 0 {
+        return Ok(false);
+    }
+    let result =
+        crate::store::modify_resource(store, "CommunicationRequest", request_id, |current| {
+            (current["status"] == "active").then(|| {
+                let mut updated = current.clone();
+                updated["status"] = json!("completed");
+                updated
+            })
+        })
+        .await?;
+    Ok(result.is_some())
 }
 
 fn broadcast_text(text: &MessageText) -> Translated<String> {

@@ -16,6 +16,7 @@ pub mod dispatch;
 pub mod flow_sync;
 pub mod group_sync;
 pub mod rapidpro_directory;
+pub mod run_poll;
 pub mod runner;
 pub mod schedule;
 pub mod sync_status;
