@@ -154,6 +154,10 @@ async fn main() -> ExitCode {
             what: SyncTarget::Flows,
             ..
         } => sync_flows(&settings).await,
+        Command::Sync {
+            what: SyncTarget::Runs,
+            ..
+        } => sync_runs(&settings).await,
         Command::Sync { .. } => not_yet("sync messages|runs"),
         Command::Reindex => not_yet("reindex"),
         Command::Import { files } => import(settings, files).await,
@@ -435,6 +439,27 @@ async fn sync_flows(settings: &Settings) -> ExitCode {
         Ok(report) => {
             print!("{report}");
             if report.skipped.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(mhero::cli::sync::SyncCommandError::Config(e)) => {
+            eprintln!("cannot sync: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("sync failed: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn sync_runs(settings: &Settings) -> ExitCode {
+    match mhero::cli::sync::sync_runs(settings).await {
+        Ok(report) => {
+            print!("{report}");
+            if report.failures.is_empty() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)

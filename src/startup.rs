@@ -61,6 +61,8 @@ struct RapidProJobs {
     flow_sync: (Arc<FlowSyncJob>, Nudge),
     /// Creates the requests of due cron firings; nudges `dispatch`.
     schedule: (Arc<ScheduleJob>, Nudge),
+    /// Flow results (runs -> QuestionnaireResponses).
+    run_poll: Arc<crate::jobs::run_poll::RunPollJob>,
 }
 
 /// The RapidPro jobs, if `rapidpro.base_url` and `rapidpro.token` are set.
@@ -89,6 +91,11 @@ fn rapidpro_jobs(
         Arc::new(phones.clone()),
         settings.messaging.clone(),
     );
+    let run_poll = crate::jobs::run_poll::RunPollJob {
+        store: Arc::clone(store),
+        client: client.clone(),
+        overlap: chrono::Duration::seconds(settings.messaging.run_poll_overlap_secs as i64),
+    };
     let flow_sync = FlowSyncJob {
         store: Arc::clone(store),
         client: client.clone(),
@@ -115,6 +122,7 @@ fn rapidpro_jobs(
         flow_sync: (Arc::new(flow_sync), Nudge::default()),
         dispatch: (Arc::new(DispatchJob(dispatcher)), dispatch_nudge),
         schedule: (Arc::new(schedule), Nudge::default()),
+        run_poll: Arc::new(run_poll),
     }))
 }
 
@@ -234,6 +242,7 @@ impl Application {
             dispatch,
             flow_sync,
             schedule,
+            run_poll,
         }) = self.jobs
         {
             let settings = &self.state.settings;
@@ -252,6 +261,8 @@ impl Application {
             runner::spawn(flow_sync.0, interval, flow_sync.1, token.clone(), &jobs);
             let interval = Duration::from_secs(settings.messaging.schedule_interval_secs);
             runner::spawn(schedule.0, interval, schedule.1, token.clone(), &jobs);
+            let interval = Duration::from_secs(settings.messaging.run_poll_interval_secs);
+            runner::spawn(run_poll, interval, Nudge::default(), token.clone(), &jobs);
         }
         jobs.close();
         let router = api::router(self.state);

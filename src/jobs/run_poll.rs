@@ -70,6 +70,33 @@ impl std::fmt::Display for RunPollReport {
     }
 }
 
+/// The run poll as a `serve` job.
+pub struct RunPollJob {
+    pub store: crate::store::SharedStore,
+    pub client: RapidProClient,
+    pub overlap: Duration,
+}
+
+#[async_trait::async_trait]
+impl super::runner::Job for RunPollJob {
+    fn name(&self) -> &'static str {
+        "run-poll"
+    }
+
+    async fn run_once(&self) -> Result<String, String> {
+        let poll = RunPoll {
+            store: self.store.as_ref(),
+            client: &self.client,
+            overlap: self.overlap,
+        };
+        match poll.run_once().await {
+            Ok(report) if report.failures.is_empty() => Ok(report.to_string().trim().to_string()),
+            Ok(report) => Err(report.to_string().trim().to_string()),
+            Err(e) => Err(crate::telemetry::redact_phones(&e.to_string())),
+        }
+    }
+}
+
 /// One pass of the run poll.
 pub struct RunPoll<'a> {
     pub store: &'a dyn FhirStore,
