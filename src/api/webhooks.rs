@@ -117,11 +117,19 @@ async fn handle(
         Err(StoreError::NotFound { .. }) | Err(StoreError::Gone { .. }) => None,
         Err(e) => return Err(e.into()),
     };
-    let (stored, duplicate) = match existing {
-        Some(existing) => (existing, true),
-        None => {
+    let (current, duplicate) = match (existing, &understood) {
+        (Some(existing), _) => (
+            webhook_event::state_of(&existing.resource).unwrap_or(initial),
+            true,
+        ),
+        (None, Ok((_, record))) if initial == EventState::Received => (
+            webhook_event::store_and_record(store, &key, &raw, received, record).await?,
+            false,
+        ),
+        (None, _) => {
             let event = webhook_event::event_resource(&key, &raw, received, initial, reason);
-            (store.update("Basic", &id, event, None).await?.stored, false)
+            store.update("Basic", &id, event, None).await?;
+            (initial, false)
         }
     };
     if let Some(reason) = reason {
@@ -129,17 +137,6 @@ async fn handle(
         return Err(ApiError::BadRequest(format!(
             "{reason} (kept as Basic/{id} for inspection)"
         )));
-    }
-    let mut current = webhook_event::state_of(&stored.resource).unwrap_or(initial);
-    if !duplicate && current == EventState::Received {
-        match webhook_event::process(store, &stored).await {
-            Ok(state) => current = state,
-            Err(e) => tracing::warn!(
-                event = %id,
-                "webhook event stored, recording left to the run poll: {}",
-                crate::telemetry::redact_phones(&e.to_string())
-            ),
-        }
     }
     let status = if current == EventState::Processed || duplicate {
         StatusCode::OK

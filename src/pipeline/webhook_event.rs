@@ -204,6 +204,77 @@ pub async fn process(store: &dyn FhirStore, event: &StoredResource) -> Result<St
     Ok(state)
 }
 
+/// A new event with a run uuid: the event (`processed`) and the run's
+/// QuestionnaireResponse (merged with what is stored, `If-Match`) in one
+/// transaction, so the intake costs one write. If that fails (a concurrent
+/// update, a store error), the event alone is written `received` for the
+/// run poll to record. Either way the event is stored when this returns
+/// `Ok`; the state says which.
+pub async fn store_and_record(
+    store: &dyn FhirStore,
+    key: &str,
+    raw: &str,
+    received: DateTime<Utc>,
+    record: &RunRecord,
+) -> Result<State, StoreError> {
+    match record_in_one_write(store, key, raw, received, record).await {
+        Ok(()) => Ok(State::Processed),
+        Err(e) => {
+            tracing::warn!(
+                "webhook event left to the run poll: {}",
+                crate::telemetry::redact_phones(&e.to_string())
+            );
+            let event = event_resource(key, raw, received, State::Received, None);
+            store.update("Basic", &event_id(key), event, None).await?;
+            Ok(State::Received)
+        }
+    }
+}
+
+async fn record_in_one_write(
+    store: &dyn FhirStore,
+    key: &str,
+    raw: &str,
+    received: DateTime<Utc>,
+    record: &RunRecord,
+) -> Result<(), StoreError> {
+    let specs = match store
+        .read("Questionnaire", &flow_results::id_for(&record.flow_uuid))
+        .await
+    {
+        Ok(q) => flow_results::specs_from_questionnaire(&q.resource),
+        Err(StoreError::NotFound { .. }) | Err(StoreError::Gone { .. }) => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    let subject = flow_results::person_of_contact(store, &record.contact_uuid).await?;
+    let Some(qr) = flow_results::questionnaire_response(record, subject.as_deref(), &specs) else {
+        return Err(StoreError::Invalid("the event names no run".into()));
+    };
+    let id = qr["id"].as_str().unwrap_or_default().to_string();
+    let current = match store.read("QuestionnaireResponse", &id).await {
+        Ok(current) => Some(current),
+        Err(StoreError::NotFound { .. }) | Err(StoreError::Gone { .. }) => None,
+        Err(e) => return Err(e),
+    };
+    let merged = flow_results::merge(current.as_ref().map(|c| &c.resource), qr, false);
+    let mut qr_request = json!({ "method": "PUT", "url": format!("QuestionnaireResponse/{id}") });
+    if let Some(current) = &current {
+        qr_request["ifMatch"] = json!(format!("W/\"{}\"", current.version_id));
+    }
+    let event = event_resource(key, raw, received, State::Processed, None);
+    store
+        .process_bundle(json!({
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": [
+                { "resource": merged, "request": qr_request },
+                { "resource": event, "request": { "method": "PUT", "url": format!("Basic/{}", event_id(key)) } },
+            ],
+        }))
+        .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
