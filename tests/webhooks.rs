@@ -274,3 +274,41 @@ async fn a_webhook_outage_is_recovered_by_the_run_poll() {
     assert_eq!(response["status"], "completed");
     assert_eq!(answer(&response, "stock")["valueDecimal"], 9);
 }
+
+#[tokio::test]
+async fn an_event_left_received_is_recorded_by_the_next_run_poll() {
+    let survey = Survey::start(1, survey_with_run_template(), None).await;
+    survey.reply("hw-0", &["21"]);
+    let run = survey.sandbox.sandbox().state()["runs"][0]["uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // As if the webhook stored the event but could not record it.
+    let body =
+        json!({"contact": {"uuid": "c-unknown"}, "flow": {"uuid": common::survey::survey_uuid()},
+        "run": {"uuid": run}, "results": {"stock": {"value": "21", "category": "Valid"}}})
+        .to_string();
+    let key = format!("run:{run}|test");
+    let event = mhero::pipeline::webhook_event::event_resource(
+        &key,
+        &body,
+        chrono::Utc::now(),
+        mhero::pipeline::webhook_event::State::Received,
+        None,
+    );
+    let id = event["id"].as_str().unwrap().to_string();
+    survey
+        .store
+        .update("Basic", &id, event, None)
+        .await
+        .unwrap();
+    let report = survey.poll().await;
+    assert!(report.failures.is_empty(), "{report}");
+    assert_eq!(report.webhook_events, 1, "{report}");
+    let stored = survey.store.read("Basic", &id).await.unwrap().resource;
+    assert_eq!(stored["meta"]["tag"][0]["code"], "processed");
+    assert_eq!(
+        events(survey.store.as_ref(), Some("received")).await.len(),
+        0
+    );
+}
