@@ -27,13 +27,22 @@ use super::AppState;
 use super::auth::key_matches;
 use crate::error::ApiError;
 use crate::pipeline::flow_results::RunRecord;
-use crate::pipeline::webhook_event::{self, State as EventState};
+use crate::pipeline::webhook_event::{self, BatchWriter, State as EventState};
 use crate::store::StoreError;
 
+#[derive(Clone)]
+struct WebhookState {
+    app: AppState,
+    writer: BatchWriter,
+}
+
+/// The webhook route; starts its group-commit writer (call inside a Tokio
+/// runtime).
 pub fn routes(state: AppState) -> Router {
+    let writer = BatchWriter::spawn(state.store.clone());
     Router::new()
         .route("/rapidpro/webhook", post(receive))
-        .with_state(state)
+        .with_state(WebhookState { app: state, writer })
 }
 
 /// The token a request presents: `Authorization: Token <t>` (RapidPro's
@@ -71,12 +80,12 @@ fn authenticate(
 }
 
 async fn receive(
-    State(state): State<AppState>,
+    State(state): State<WebhookState>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    match handle(&state, &headers, &query, &body).await {
+    match handle(&state.app, &state.writer, &headers, &query, &body).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     }
@@ -84,6 +93,7 @@ async fn receive(
 
 async fn handle(
     state: &AppState,
+    writer: &BatchWriter,
     headers: &HeaderMap,
     query: &HashMap<String, String>,
     body: &Bytes,
@@ -123,7 +133,8 @@ async fn handle(
             true,
         ),
         (None, Ok((_, record))) if initial == EventState::Received => (
-            webhook_event::store_and_record(store, &key, &raw, received, record).await?,
+            webhook_event::store_and_record(store, Some(writer), &key, &raw, received, record)
+                .await?,
             false,
         ),
         (None, _) => {

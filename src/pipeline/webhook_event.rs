@@ -212,12 +212,20 @@ pub async fn process(store: &dyn FhirStore, event: &StoredResource) -> Result<St
 /// `Ok`; the state says which.
 pub async fn store_and_record(
     store: &dyn FhirStore,
+    writer: Option<&BatchWriter>,
     key: &str,
     raw: &str,
     received: DateTime<Utc>,
     record: &RunRecord,
 ) -> Result<State, StoreError> {
-    match record_in_one_write(store, key, raw, received, record).await {
+    let written = match record_entries(store, key, raw, received, record).await {
+        Ok(entries) => match writer {
+            Some(writer) => writer.write(entries).await,
+            None => write_transaction(store, entries).await,
+        },
+        Err(e) => Err(e),
+    };
+    match written {
         Ok(()) => Ok(State::Processed),
         Err(e) => {
             tracing::warn!(
@@ -231,13 +239,14 @@ pub async fn store_and_record(
     }
 }
 
-async fn record_in_one_write(
+/// The transaction entries of a new event and its QuestionnaireResponse.
+async fn record_entries(
     store: &dyn FhirStore,
     key: &str,
     raw: &str,
     received: DateTime<Utc>,
     record: &RunRecord,
-) -> Result<(), StoreError> {
+) -> Result<Vec<Value>, StoreError> {
     let specs = match store
         .read("Questionnaire", &flow_results::id_for(&record.flow_uuid))
         .await
@@ -262,17 +271,84 @@ async fn record_in_one_write(
         qr_request["ifMatch"] = json!(format!("W/\"{}\"", current.version_id));
     }
     let event = event_resource(key, raw, received, State::Processed, None);
+    Ok(vec![
+        json!({ "resource": merged, "request": qr_request }),
+        json!({ "resource": event, "request": { "method": "PUT", "url": format!("Basic/{}", event_id(key)) } }),
+    ])
+}
+
+async fn write_transaction(store: &dyn FhirStore, entries: Vec<Value>) -> Result<(), StoreError> {
     store
-        .process_bundle(json!({
-            "resourceType": "Bundle",
-            "type": "transaction",
-            "entry": [
-                { "resource": merged, "request": qr_request },
-                { "resource": event, "request": { "method": "PUT", "url": format!("Basic/{}", event_id(key)) } },
-            ],
-        }))
-        .await?;
-    Ok(())
+        .process_bundle(
+            json!({ "resourceType": "Bundle", "type": "transaction", "entry": entries }),
+        )
+        .await
+        .map(|_| ())
+}
+
+type Pending = (
+    Vec<Value>,
+    tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+);
+
+/// Group commit for the webhook: the transactions of concurrent requests
+/// that queue while one is being written are written together, as one
+/// transaction (the embedded store has one writer, so one commit for many
+/// events is what lets the intake keep up). If a combined transaction
+/// fails (an `If-Match` conflict of one event, two events of one run), each
+/// is written alone, so one event's failure is its own.
+#[derive(Clone)]
+pub struct BatchWriter {
+    queue: tokio::sync::mpsc::Sender<Pending>,
+}
+
+/// Events written together at most.
+const GROUP_COMMIT_MAX: usize = 64;
+
+impl BatchWriter {
+    /// Starts the writer task (it ends when every handle is dropped).
+    pub fn spawn(store: crate::store::SharedStore) -> BatchWriter {
+        let (queue, mut pending) = tokio::sync::mpsc::channel::<Pending>(4 * GROUP_COMMIT_MAX);
+        tokio::spawn(async move {
+            while let Some(first) = pending.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < GROUP_COMMIT_MAX {
+                    match pending.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
+                }
+                let mut urls = std::collections::HashSet::new();
+                let distinct = batch.iter().flat_map(|(entries, _)| entries).all(|e| {
+                    urls.insert(e["request"]["url"].as_str().unwrap_or_default().to_string())
+                });
+                if batch.len() > 1 && distinct {
+                    let all: Vec<Value> = batch
+                        .iter()
+                        .flat_map(|(entries, _)| entries.iter().cloned())
+                        .collect();
+                    if write_transaction(store.as_ref(), all).await.is_ok() {
+                        for (_, done) in batch {
+                            let _ = done.send(Ok(()));
+                        }
+                        continue;
+                    }
+                }
+                for (entries, done) in batch {
+                    let _ = done.send(write_transaction(store.as_ref(), entries).await);
+                }
+            }
+        });
+        BatchWriter { queue }
+    }
+
+    /// Writes `entries` as (part of) a transaction.
+    pub async fn write(&self, entries: Vec<Value>) -> Result<(), StoreError> {
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        let gone = || StoreError::Internal("the webhook writer stopped".into());
+        self.queue.send((entries, done)).await.map_err(|_| gone())?;
+        outcome.await.map_err(|_| gone())?
+    }
 }
 
 #[cfg(test)]
