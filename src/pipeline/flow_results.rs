@@ -535,26 +535,27 @@ pub async fn person_of_contact(
     store: &dyn FhirStore,
     contact_uuid: &str,
 ) -> Result<Option<String>, StoreError> {
-    for resource_type in PERSON_TYPES {
-        let page = store
-            .search(SearchRequest {
-                resource_type: (*resource_type).to_string(),
-                params: vec![
-                    (
-                        "identifier".into(),
-                        format!(
-                            "{CONTACT_UUID_SYSTEM}|{}",
-                            escape_search_value(contact_uuid)
-                        ),
+    // The four searches at once; the first type in PERSON_TYPES order wins.
+    let searches = PERSON_TYPES.iter().map(|resource_type| {
+        store.search(SearchRequest {
+            resource_type: (*resource_type).to_string(),
+            params: vec![
+                (
+                    "identifier".into(),
+                    format!(
+                        "{CONTACT_UUID_SYSTEM}|{}",
+                        escape_search_value(contact_uuid)
                     ),
-                    ("_count".into(), "1".into()),
-                    ("_total".into(), "none".into()),
-                ],
-                cursor: None,
-                lenient: false,
-            })
-            .await?;
-        if let Some(found) = page.matches.first() {
+                ),
+                ("_count".into(), "1".into()),
+                ("_total".into(), "none".into()),
+            ],
+            cursor: None,
+            lenient: false,
+        })
+    });
+    for page in futures::future::join_all(searches).await {
+        if let Some(found) = page?.matches.first() {
             return Ok(Some(found.reference()));
         }
     }

@@ -247,23 +247,31 @@ async fn record_entries(
     received: DateTime<Utc>,
     record: &RunRecord,
 ) -> Result<Vec<Value>, StoreError> {
-    let specs = match store
-        .read("Questionnaire", &flow_results::id_for(&record.flow_uuid))
-        .await
-    {
-        Ok(q) => flow_results::specs_from_questionnaire(&q.resource),
-        Err(StoreError::NotFound { .. }) | Err(StoreError::Gone { .. }) => Vec::new(),
-        Err(e) => return Err(e),
-    };
-    let subject = flow_results::person_of_contact(store, &record.contact_uuid).await?;
-    let Some(qr) = flow_results::questionnaire_response(record, subject.as_deref(), &specs) else {
+    let Some(run_uuid) = record.run_uuid.as_deref() else {
         return Err(StoreError::Invalid("the event names no run".into()));
     };
-    let id = qr["id"].as_str().unwrap_or_default().to_string();
-    let current = match store.read("QuestionnaireResponse", &id).await {
-        Ok(current) => Some(current),
-        Err(StoreError::NotFound { .. }) | Err(StoreError::Gone { .. }) => None,
+    let id = flow_results::id_for(run_uuid);
+    let questionnaire_id = flow_results::id_for(&record.flow_uuid);
+    // Independent reads, at once.
+    let (questionnaire, subject, current) = tokio::join!(
+        store.read("Questionnaire", &questionnaire_id),
+        flow_results::person_of_contact(store, &record.contact_uuid),
+        store.read("QuestionnaireResponse", &id),
+    );
+    let absent =
+        |e: &StoreError| matches!(e, StoreError::NotFound { .. } | StoreError::Gone { .. });
+    let specs = match questionnaire {
+        Ok(q) => flow_results::specs_from_questionnaire(&q.resource),
+        Err(e) if absent(&e) => Vec::new(),
         Err(e) => return Err(e),
+    };
+    let current = match current {
+        Ok(current) => Some(current),
+        Err(e) if absent(&e) => None,
+        Err(e) => return Err(e),
+    };
+    let Some(qr) = flow_results::questionnaire_response(record, subject?.as_deref(), &specs) else {
+        return Err(StoreError::Invalid("the event names no run".into()));
     };
     let merged = flow_results::merge(current.as_ref().map(|c| &c.resource), qr, false);
     let mut qr_request = json!({ "method": "PUT", "url": format!("QuestionnaireResponse/{id}") });
