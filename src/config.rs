@@ -254,6 +254,11 @@ pub struct MessagingSettings {
     pub missed_firings: MissedFirings,
     /// A firing found this many seconds after its time counts as missed.
     pub missed_firing_grace_secs: u64,
+    /// Seconds between run poll passes in `serve` (flow results ->
+    /// QuestionnaireResponses; docs/flow-results.md), and how far before
+    /// its cursor a pass looks again.
+    pub run_poll_interval_secs: u64,
+    pub run_poll_overlap_secs: u64,
 }
 
 /// What the scheduler does with firings it finds long past their time
@@ -423,6 +428,7 @@ impl Settings {
             ("claim_lease_secs", messaging.claim_lease_secs),
             ("flow_sync_interval_secs", messaging.flow_sync_interval_secs),
             ("schedule_interval_secs", messaging.schedule_interval_secs),
+            ("run_poll_interval_secs", messaging.run_poll_interval_secs),
             (
                 "delivery_poll_interval_secs",
                 messaging.delivery_poll_interval_secs,

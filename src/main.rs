@@ -158,7 +158,10 @@ async fn main() -> ExitCode {
             what: SyncTarget::Messages,
             ..
         } => sync_messages(&settings).await,
-        Command::Sync { .. } => not_yet("sync runs"),
+        Command::Sync {
+            what: SyncTarget::Runs,
+            ..
+        } => sync_runs(&settings).await,
         Command::Reindex => not_yet("reindex"),
         Command::Import { files } => import(settings, files).await,
         Command::Check => check(settings).await,
@@ -460,6 +463,27 @@ async fn sync_messages(settings: &Settings) -> ExitCode {
         Ok((delivery, inbound)) => {
             print!("{delivery}{inbound}");
             ExitCode::SUCCESS
+        }
+        Err(mhero::cli::sync::SyncCommandError::Config(e)) => {
+            eprintln!("cannot sync: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("sync failed: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn sync_runs(settings: &Settings) -> ExitCode {
+    match mhero::cli::sync::sync_runs(settings).await {
+        Ok(report) => {
+            print!("{report}");
+            if report.failures.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
         }
         Err(mhero::cli::sync::SyncCommandError::Config(e)) => {
             eprintln!("cannot sync: {e}");

@@ -67,6 +67,8 @@ struct RapidProJobs {
     delivery_poll: Arc<DeliveryPollJob>,
     /// Replies outside flows, and STOP/START.
     inbound_poll: Arc<InboundPollJob>,
+    /// Flow results (runs -> QuestionnaireResponses).
+    run_poll: Arc<crate::jobs::run_poll::RunPollJob>,
 }
 
 /// The RapidPro jobs, if `rapidpro.base_url` and `rapidpro.token` are set.
@@ -96,6 +98,11 @@ fn rapidpro_jobs(
         Arc::new(phones.clone()),
         settings.messaging.clone(),
     );
+    let run_poll = crate::jobs::run_poll::RunPollJob {
+        store: Arc::clone(store),
+        client: client.clone(),
+        overlap: chrono::Duration::seconds(settings.messaging.run_poll_overlap_secs as i64),
+    };
     let flow_sync = FlowSyncJob {
         store: Arc::clone(store),
         client: client.clone(),
@@ -132,6 +139,7 @@ fn rapidpro_jobs(
             settings: settings.messaging.clone(),
             overlap: Duration::from_secs(rapidpro.contact_poll_overlap_secs),
         })),
+        run_poll: Arc::new(run_poll),
     }))
 }
 
@@ -253,6 +261,7 @@ impl Application {
             schedule,
             delivery_poll,
             inbound_poll,
+            run_poll,
         }) = self.jobs
         {
             let settings = &self.state.settings;
@@ -286,6 +295,8 @@ impl Application {
                 token.clone(),
                 &jobs,
             );
+            let interval = Duration::from_secs(settings.messaging.run_poll_interval_secs);
+            runner::spawn(run_poll, interval, Nudge::default(), token.clone(), &jobs);
         }
         jobs.close();
         let router = api::router(self.state);

@@ -386,9 +386,9 @@ fn sync_contacts_pushes_people_to_rapidpro_and_needs_it_configured() {
 }
 
 #[test]
-fn sync_flows_writes_workflow_basics_and_runs_are_not_yet_available() {
+fn sync_flows_writes_workflow_basics() {
     let dir = tempfile::tempdir().unwrap();
-    for what in ["flows", "messages"] {
+    for what in ["flows", "messages", "runs"] {
         let unconfigured = mhero(&dir).args(["sync", what]).output().unwrap();
         assert_eq!(unconfigured.status.code(), Some(2), "{what}");
         assert!(
@@ -396,9 +396,6 @@ fn sync_flows_writes_workflow_basics_and_runs_are_not_yet_available() {
             "{what}"
         );
     }
-    let runs = mhero(&dir).args(["sync", "runs"]).output().unwrap();
-    assert_eq!(runs.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&runs.stderr).contains("not yet available"));
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let sandbox = runtime
@@ -433,6 +430,60 @@ fn sync_flows_writes_workflow_basics_and_runs_are_not_yet_available() {
         stdout.contains(
             "flows: 1 read from RapidPro (0 archived): 0 created, 0 updated, 1 unchanged"
         ),
+        "{stdout}"
+    );
+    runtime.block_on(sandbox.shutdown()).unwrap();
+}
+
+#[test]
+fn sync_runs_records_flow_results_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let sandbox = runtime
+        .block_on(mhero::rapidpro::sandbox::SandboxServer::start(
+            Default::default(),
+        ))
+        .unwrap();
+    sandbox
+        .sandbox()
+        .load_flow_export(&common::fixture("rapidpro/flows/color_v13.json"))
+        .unwrap();
+    // Someone writes in and is put in the flow (no flow start of ours).
+    let contact = sandbox
+        .sandbox()
+        .receive_message("tel:+231770005001", "hi")
+        .unwrap();
+    let flow = common::fixture("rapidpro/flows/color_v13.json")["flows"][0]["uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let client = runtime.block_on(common::rapidpro_client_for(&sandbox));
+    runtime
+        .block_on(
+            client.create_flow_start(&mhero::rapidpro::types::FlowStartWrite {
+                flow,
+                contacts: vec![contact],
+                ..Default::default()
+            }),
+        )
+        .unwrap();
+    sandbox.sandbox().process_flow_starts();
+    let sync = || {
+        mhero(&dir)
+            .args(["sync", "runs"])
+            .env("MHERO__RAPIDPRO__BASE_URL", sandbox.base_url())
+            .env("MHERO__RAPIDPRO__TOKEN", sandbox.token())
+            .output()
+            .unwrap()
+    };
+    let first = sync();
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert!(first.status.success(), "{stdout}");
+    assert!(stdout.contains("runs: 1 examined: 1 created"), "{stdout}");
+    let second = sync();
+    let stdout = String::from_utf8_lossy(&second.stdout);
+    assert!(
+        stdout.contains("runs: 1 examined: 0 created, 0 updated, 1 unchanged"),
         "{stdout}"
     );
     runtime.block_on(sandbox.shutdown()).unwrap();

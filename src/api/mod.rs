@@ -9,6 +9,7 @@ pub mod fhir;
 pub mod health;
 pub mod metrics;
 mod negotiation;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -53,9 +54,11 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(max_body));
     let emnutt = emnutt::routes(state.clone()).layer(DefaultBodyLimit::max(max_body));
     let ops = health::routes(state.clone());
+    let rapidpro = webhooks::routes(state.clone()).layer(DefaultBodyLimit::max(max_body));
     Router::new()
         .merge(fhir)
         .merge(emnutt)
+        .merge(rapidpro)
         .merge(ops)
         .fallback(fhir::unknown_route)
         .layer(middleware::from_fn(crate::error::outcome_for_every_error))

@@ -150,6 +150,27 @@ impl std::fmt::Display for DeliveryReport {
     }
 }
 
+/// The run poll: flow runs changed since its cursor -> QuestionnaireResponses
+/// (docs/flow-results.md), with a spinner counting runs.
+pub async fn sync_runs(
+    settings: &Settings,
+) -> Result<crate::jobs::run_poll::RunPollReport, SyncCommandError> {
+    let (client, store, progress) = client_store_and_spinner(settings).await?;
+    progress.set_style(
+        ProgressStyle::with_template("{spinner} syncing runs: {pos} read from RapidPro")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    progress.enable_steady_tick(std::time::Duration::from_millis(120));
+    let poll = crate::jobs::run_poll::RunPoll {
+        store: store.as_ref(),
+        client: &client,
+        overlap: chrono::Duration::seconds(settings.messaging.run_poll_overlap_secs as i64),
+    };
+    let report = poll.run_with_progress(|| progress.inc(1)).await;
+    progress.finish_and_clear();
+    report.map_err(|e| SyncCommandError::Runtime(e.to_string()))
+}
+
 impl std::fmt::Display for GroupSyncReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(

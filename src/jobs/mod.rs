@@ -18,6 +18,7 @@ pub mod flow_sync;
 pub mod group_sync;
 pub mod inbound_poll;
 pub mod rapidpro_directory;
+pub mod run_poll;
 pub mod runner;
 pub mod schedule;
 pub mod sync_status;

@@ -4,8 +4,10 @@
 //! (`recipients`) and the per-recipient outbox Communications (`outbox`).
 
 pub mod contact;
+pub mod flow_results;
 pub mod outbox;
 pub mod phone;
 pub mod recipients;
 pub mod request;
+pub mod webhook_event;
 pub mod work_context;

@@ -787,6 +787,19 @@ impl RapidProClient {
         self.list("flows", &query.pairs(), Scope::V2)
     }
 
+    /// The export (`{"version", "flows": [definition]}`) of one flow, without
+    /// its dependencies: nodes, routers and cases, for typed results.
+    pub async fn definitions(&self, flow_uuid: &str) -> RapidProResult<Value> {
+        let url = self.endpoint(
+            "definitions",
+            &[
+                ("flow", flow_uuid.to_string()),
+                ("dependencies", "none".into()),
+            ],
+        )?;
+        self.get_json(url, Scope::V2).await
+    }
+
     /// Every flow start made by a user or the API.
     pub fn flow_starts(&self, query: &TimeQuery) -> BoxStream<'static, RapidProResult<FlowStart>> {
         self.list("flow_starts", &query.pairs(), Scope::V2)

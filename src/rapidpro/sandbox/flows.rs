@@ -187,3 +187,17 @@ pub fn list(inner: &mut Inner, req: &Req) -> Result<Reply, Reply> {
     rows.sort_by_key(|r| std::cmp::Reverse((r.key, r.id)));
     Ok(paginate(req, rows, inner.settings.page_size, true))
 }
+
+/// `GET /api/v2/definitions.json?flow=<uuid>`: the export of the named flow
+/// (`dependencies` is ignored: flows are exported alone); an unknown uuid
+/// gives an export without flows, as RapidPro does.
+pub fn definitions(inner: &Inner, req: &Req) -> Reply {
+    let uuid = req.param("flow");
+    let flows: Vec<Value> = inner
+        .flows
+        .iter()
+        .filter(|f| uuid.is_some_and(|u| f.uuid == u))
+        .map(|f| f.definition.clone())
+        .collect();
+    Reply::ok(json!({"version": "13.0.0", "site": "https://app.rapidpro.io", "flows": flows}))
+}

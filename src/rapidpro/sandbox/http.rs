@@ -238,6 +238,11 @@ const ENDPOINTS: &[Endpoint] = &[
         methods: &[Method::GET],
     },
     Endpoint {
+        name: "definitions",
+        scope: "v2",
+        methods: &[Method::GET],
+    },
+    Endpoint {
         name: "workspace",
         scope: "v2",
         methods: &[Method::GET],
@@ -538,6 +543,7 @@ fn authenticated(inner: &mut Inner, req: &Req, endpoint: Endpoint) -> Reply {
         ("fields", &Method::GET) => groups::list_fields(inner, req),
         ("fields", &Method::POST) => groups::write_field(inner, req),
         ("flows", _) => flows::list(inner, req),
+        ("definitions", _) => Ok(flows::definitions(inner, req)),
         // The sandbox never archives: limit/offset pagination with `count`.
         ("archives", _) => Ok(Reply::ok(
             json!({"count": 0, "next": null, "previous": null, "results": []}),
