@@ -30,6 +30,10 @@ pub struct SqliteStore {
     path: PathBuf,
     writer: Arc<Mutex<Connection>>,
     readers: Arc<Mutex<Vec<Connection>>>,
+    /// At most `MAX_READERS` reads at once: a read waits for a pooled
+    /// connection rather than opening (and then closing) one more, which
+    /// under many concurrent requests cost more than the reads themselves.
+    read_permits: Arc<tokio::sync::Semaphore>,
 }
 
 fn unavailable(reason: impl std::fmt::Display) -> StoreError {
@@ -86,6 +90,7 @@ impl SqliteStore {
             path,
             writer: Arc::new(Mutex::new(writer)),
             readers: Arc::new(Mutex::new(Vec::new())),
+            read_permits: Arc::new(tokio::sync::Semaphore::new(MAX_READERS)),
         })
     }
 
@@ -139,7 +144,12 @@ impl SqliteStore {
     {
         let readers = Arc::clone(&self.readers);
         let path = self.path.clone();
+        let permit = Arc::clone(&self.read_permits)
+            .acquire_owned()
+            .await
+            .map_err(|e| StoreError::Internal(format!("store reads closed: {e}")))?;
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let pooled = readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
             let conn = match pooled {
                 Some(conn) => conn,
