@@ -135,6 +135,10 @@ async fn delivered_messages_complete_the_outbox_and_a_blocked_contact_fails() {
     let second = common::outbox_of(world.store.as_ref(), "second").await;
     let failed = second.iter().find(|c| c["status"] == "not-done").unwrap();
     assert_eq!(failed["recipient"][0]["reference"], "Practitioner/p1");
+    assert_eq!(
+        failed["statusReason"]["coding"][0]["code"],
+        "contact-blocked"
+    );
     assert!(
         failed["statusReason"]["text"]
             .as_str()
@@ -341,4 +345,43 @@ async fn replies_are_recorded_once_linked_to_what_was_sent_and_stop_opts_out() {
         .unwrap()
         .resource;
     assert!(!p1["meta"]["tag"].to_string().contains("optedout"), "{p1}");
+}
+
+#[tokio::test]
+async fn a_failed_flow_start_fails_its_entries_and_a_running_one_waits_for_its_runs() {
+    use common::survey::{Survey, survey_export, survey_uuid};
+    let running = Survey::start(1, survey_export(), None).await;
+    let poll = DeliveryPoll {
+        store: Arc::clone(&running.store),
+        client: running.client.clone(),
+    };
+    let report = poll.run_once().await.unwrap();
+    assert_eq!(
+        (report.flow_starts, report.waiting, report.failed),
+        (1, 1, 0),
+        "{report:?}"
+    );
+    assert_eq!(running.outbox_status("hw-0").await, "in-progress");
+
+    // The flow is archived before RapidPro processes the start: it fails.
+    let failed = Survey::start_then(2, survey_export(), None, |sandbox| {
+        assert!(sandbox.set_flow_archived(&survey_uuid(), true));
+    })
+    .await;
+    let poll = DeliveryPoll {
+        store: Arc::clone(&failed.store),
+        client: failed.client.clone(),
+    };
+    let report = poll.run_once().await.unwrap();
+    assert_eq!(
+        (report.flow_starts, report.failed, report.completed_requests),
+        (1, 2, 1),
+        "{report:?}"
+    );
+    for practitioner in ["hw-0", "hw-1"] {
+        assert_eq!(failed.outbox_status(practitioner).await, "not-done");
+    }
+    assert_eq!(failed.request_status().await, "completed");
+    let again = poll.run_once().await.unwrap();
+    assert_eq!((again.flow_starts, again.failed), (0, 0), "{again:?}");
 }

@@ -2,7 +2,9 @@
 //! created nothing and one that did, a timeout after RapidPro acted, a 429
 //! storm, a refused URN and a contact RapidPro no longer knows. In every
 //! case each recipient ends up sent exactly once, and a broadcast is never
-//! created twice.
+//! created twice. Then the delivery poll against recorded-shape answers:
+//! each failure gets its coded reason (a stopped contact, a channel error,
+//! a contact RapidPro skipped, a failed broadcast).
 
 mod common;
 
@@ -66,19 +68,7 @@ async fn setup(contact_uuid_for_first: Option<&str>) -> Setup {
         .await
         .unwrap();
     let server = MockServer::start().await;
-    mhero::install_tls_provider();
-    let client = RapidProClient::new(
-        &Url::parse(&server.uri()).unwrap(),
-        &Secret::new("token"),
-        ClientOptions {
-            timeout: Duration::from_millis(300),
-            max_retries: 2,
-            backoff: Duration::from_millis(5),
-            max_throttle_wait: Duration::from_secs(1),
-        },
-        Throttle::uniform(1_000_000),
-    )
-    .unwrap();
+    let client = client_for(&server);
     let settings = common::test_settings(&dir, &[]);
     let dispatcher = Dispatcher::new(
         Arc::clone(&store),
@@ -92,6 +82,22 @@ async fn setup(contact_uuid_for_first: Option<&str>) -> Setup {
         server,
         dispatcher,
     }
+}
+
+fn client_for(server: &MockServer) -> RapidProClient {
+    mhero::install_tls_provider();
+    RapidProClient::new(
+        &Url::parse(&server.uri()).unwrap(),
+        &Secret::new("token"),
+        ClientOptions {
+            timeout: Duration::from_millis(300),
+            max_retries: 2,
+            backoff: Duration::from_millis(5),
+            max_throttle_wait: Duration::from_secs(1),
+        },
+        Throttle::uniform(1_000_000),
+    )
+    .unwrap()
 }
 
 fn broadcast(uuid: &str, urns: &[&str]) -> Value {
@@ -301,4 +307,149 @@ async fn an_unknown_contact_uuid_falls_back_to_urns() {
     );
     assert!(calls[1].get("contacts").is_none(), "{}", calls[1]);
     assert_eq!(calls[1]["urns"].as_array().unwrap().len(), 3);
+}
+
+/// A failed outbound message, in `messages.json`'s shape.
+fn failed_message(contact: &str, urn: &str, channel: Option<&str>) -> Value {
+    let now = chrono::Utc::now()
+        .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+        .to_string();
+    json!({
+        "uuid": uuid::Uuid::new_v4().to_string(), "id": 1,
+        "contact": { "uuid": contact, "name": "Worker" }, "urn": urn,
+        "channel": channel.map(|c| json!({ "uuid": c, "name": "Vonage" })),
+        "direction": "out", "type": "text", "status": "failed", "archived": false,
+        "visibility": "visible", "text": TEXT, "labels": [], "flow": null, "attachments": [],
+        "quick_replies": [], "created_on": now, "sent_on": null, "modified_on": now,
+        "media": null, "broadcast": 7
+    })
+}
+
+fn contact(uuid: &str, status: &str) -> Value {
+    json!({ "uuid": uuid, "name": "Worker", "status": status, "language": null,
+        "urns": [], "groups": [], "notes": [], "fields": {}, "flow": null,
+        "created_on": "2026-01-01T00:00:00.000000Z", "modified_on": "2026-01-01T00:00:00.000000Z",
+        "last_seen_on": null })
+}
+
+async fn sent_broadcast() -> Setup {
+    let s = setup(None).await;
+    Mock::given(method("POST"))
+        .and(path("/api/v2/broadcasts.json"))
+        .respond_with(ResponseTemplate::new(201).set_body_json(broadcast("b-1", &URNS)))
+        .mount(&s.server)
+        .await;
+    s.dispatcher.run_once().await.unwrap();
+    assert_eq!(statuses(&outbox(&s.store).await), vec!["in-progress"; 3]);
+    s
+}
+
+fn reason_of<'a>(outbox: &'a [Value], practitioner: &str) -> (&'a str, &'a str) {
+    let entry = outbox
+        .iter()
+        .find(|c| c["recipient"][0]["reference"] == format!("Practitioner/{practitioner}"))
+        .unwrap();
+    let coding = &entry["statusReason"]["coding"][0];
+    assert_eq!(
+        coding["system"],
+        "http://mhero.org/fhir/CodeSystem/mhero-delivery-failure"
+    );
+    (
+        entry["status"].as_str().unwrap(),
+        coding["code"].as_str().unwrap_or("-"),
+    )
+}
+
+#[tokio::test]
+async fn each_delivery_failure_gets_its_coded_reason() {
+    let s = sent_broadcast().await;
+    // p0's message failed before any channel, and RapidPro lists p0 as
+    // stopped; p1's failed at the channel; p2 has no message at all, and
+    // the broadcast is completed: RapidPro skipped p2.
+    Mock::given(method("GET"))
+        .and(path("/api/v2/messages.json"))
+        .and(wiremock::matchers::query_param("broadcast", "7"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(page(vec![
+            failed_message("c-0", URNS[0], None),
+            failed_message("c-1", URNS[1], Some("ch-1")),
+        ])))
+        .mount(&s.server)
+        .await;
+    for (uuid, status) in [("c-0", "stopped"), ("c-1", "active")] {
+        Mock::given(method("GET"))
+            .and(path("/api/v2/contacts.json"))
+            .and(wiremock::matchers::query_param("uuid", uuid))
+            .respond_with(
+                ResponseTemplate::new(200).set_body_json(page(vec![contact(uuid, status)])),
+            )
+            .mount(&s.server)
+            .await;
+    }
+    let mut completed = broadcast("b-1", &URNS);
+    completed["status"] = json!("completed");
+    Mock::given(method("GET"))
+        .and(path("/api/v2/broadcasts.json"))
+        .and(wiremock::matchers::query_param("uuid", "b-1"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(page(vec![completed])))
+        .mount(&s.server)
+        .await;
+    let poll = mhero::jobs::delivery_poll::DeliveryPoll {
+        store: Arc::clone(&s.store),
+        client: client_for(&s.server),
+    };
+    let report = poll.run_once().await.unwrap();
+    assert_eq!(
+        (report.failed, report.delivered, report.completed_requests),
+        (3, 0, 1),
+        "{report:?}"
+    );
+    let entries = outbox(&s.store).await;
+    assert_eq!(reason_of(&entries, "p0"), ("not-done", "contact-stopped"));
+    assert_eq!(reason_of(&entries, "p1"), ("not-done", "channel-error"));
+    assert_eq!(reason_of(&entries, "p2"), ("not-done", "not-sent"));
+    let request = s.store.read("CommunicationRequest", "alert").await.unwrap();
+    assert_eq!(request.resource["status"], "completed");
+}
+
+#[tokio::test]
+async fn a_failed_broadcast_fails_its_entries_and_one_still_running_waits() {
+    let s = sent_broadcast().await;
+    Mock::given(method("GET"))
+        .and(path("/api/v2/messages.json"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(page(vec![])))
+        .mount(&s.server)
+        .await;
+    let mut running = broadcast("b-1", &URNS);
+    running["status"] = json!("started");
+    Mock::given(method("GET"))
+        .and(path("/api/v2/broadcasts.json"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(page(vec![running])))
+        .up_to_n_times(1)
+        .mount(&s.server)
+        .await;
+    let poll = mhero::jobs::delivery_poll::DeliveryPoll {
+        store: Arc::clone(&s.store),
+        client: client_for(&s.server),
+    };
+    let report = poll.run_once().await.unwrap();
+    assert_eq!((report.failed, report.waiting), (0, 3), "{report:?}");
+    assert_eq!(statuses(&outbox(&s.store).await), vec!["in-progress"; 3]);
+
+    let mut failed = broadcast("b-1", &URNS);
+    failed["status"] = json!("failed");
+    Mock::given(method("GET"))
+        .and(path("/api/v2/broadcasts.json"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(page(vec![failed])))
+        .mount(&s.server)
+        .await;
+    let report = poll.run_once().await.unwrap();
+    assert_eq!(
+        (report.failed, report.completed_requests),
+        (3, 1),
+        "{report:?}"
+    );
+    let entries = outbox(&s.store).await;
+    for p in ["p0", "p1", "p2"] {
+        assert_eq!(reason_of(&entries, p), ("not-done", "broadcast-failed"));
+    }
 }

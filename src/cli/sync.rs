@@ -144,8 +144,13 @@ impl std::fmt::Display for DeliveryReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "delivery: {} broadcasts read: {} recipients delivered or sent, {} failed, {} still waiting; {} requests completed",
-            self.broadcasts, self.delivered, self.failed, self.waiting, self.completed_requests
+            "delivery: {} broadcasts and {} flow starts read: {} recipients delivered or sent, {} failed, {} still waiting; {} requests completed",
+            self.broadcasts,
+            self.flow_starts,
+            self.delivered,
+            self.failed,
+            self.waiting,
+            self.completed_requests
         )
     }
 }

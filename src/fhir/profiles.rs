@@ -29,6 +29,10 @@ pub const SUPPORTED_PROFILES: &[(&str, &str)] = &[("Basic", WORKFLOWS_PROFILE)];
 /// Every file of `fhir-profiles/` (file name, content).
 pub const PROFILE_FILES: &[(&str, &str)] = &[
     (
+        "CodeSystem-mhero-delivery-failure.json",
+        include_str!("../../fhir-profiles/CodeSystem-mhero-delivery-failure.json"),
+    ),
+    (
         "CodeSystem-mhero-resource.json",
         include_str!("../../fhir-profiles/CodeSystem-mhero-resource.json"),
     ),

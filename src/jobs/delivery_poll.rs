@@ -1,21 +1,30 @@
 //! Delivery status of sent messages, from RapidPro into the outbox.
 //!
 //! A pass ([`DeliveryPoll::run_once`]) reads the outbox entries still
-//! `in-progress` that were sent as a broadcast, asks RapidPro for the
-//! messages of each of those broadcasts (`messages.json?broadcast=<id>`,
-//! the id recorded at dispatch), and moves each entry forward:
-//! `wired`/`sent` -> `completed` with `sent`; `delivered`/`read` ->
-//! `completed` with `sent` and `received`; `failed` -> `not-done` with a
-//! reason. `queued`, `handled` and `errored` (RapidPro still retries) stay
-//! `in-progress`. Entries only move forward, with `If-Match` (a re-poll, or
-//! an older answer, changes nothing). Requests whose outbox became final are
-//! then `completed`.
+//! `in-progress` and moves each forward, forward only and with `If-Match`
+//! (a re-poll, or an older answer, changes nothing):
+//!
+//! - **Broadcast entries**: RapidPro is asked for the messages of each open
+//!   broadcast (`messages.json?broadcast=<id>`, the id recorded at
+//!   dispatch). `wired`/`sent` -> `completed` with `sent`;
+//!   `delivered`/`read` -> `completed` with `sent` and `received`; `failed`
+//!   -> `not-done` with a coded reason (the contact's RapidPro status, no
+//!   route, or a channel error). `queued`, `handled` and `errored` (RapidPro
+//!   still retries) wait. An entry with no message makes the pass ask for
+//!   the broadcast: `failed` -> `not-done` (broadcast failed); `completed`
+//!   -> the messages are read again and an entry still without one is
+//!   `not-done` (RapidPro skipped the contact).
+//! - **Flow-start entries**: RapidPro is asked for each open flow start
+//!   (`flow_starts.json?uuid=`); `failed` or `interrupted` -> `not-done`.
+//!   Otherwise the run decides (`pipeline::flow_results`).
+//!
+//! Requests whose outbox became final are then `completed`.
 //!
 //! RapidPro filters messages by creation time only, so a cursor cannot see
 //! status changes; asking per open broadcast can, and costs one call per
 //! broadcast still open (at most 100 recipients each).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -23,9 +32,11 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 
 use crate::fhir::format_instant;
-use crate::pipeline::outbox::{self, BROADCAST_ID_SYSTEM};
-use crate::rapidpro::client::{MessageQuery, RapidProClient, RapidProError};
-use crate::rapidpro::types::{Message, MessageStatus};
+use crate::pipeline::outbox::{self, BROADCAST_ID_SYSTEM, BROADCAST_SYSTEM, FLOW_START_SYSTEM};
+use crate::rapidpro::client::{
+    ContactQuery, MessageQuery, RapidProClient, RapidProError, TimeQuery,
+};
+use crate::rapidpro::types::{ContactStatus, JobStatus, Message, MessageStatus};
 use crate::store::{SharedStore, StoreError, StoredResource, modify_resource, search_all};
 
 #[derive(Debug, thiserror::Error)]
@@ -41,9 +52,11 @@ pub enum DeliveryPollError {
 pub struct DeliveryReport {
     /// Broadcasts asked about.
     pub broadcasts: usize,
+    /// Flow starts asked about.
+    pub flow_starts: usize,
     /// Entries that became `completed` (sent or delivered).
     pub delivered: usize,
-    /// Entries that became `not-done` (RapidPro failed the message).
+    /// Entries that became `not-done` (RapidPro failed or skipped them).
     pub failed: usize,
     /// Entries still waiting for a final status.
     pub waiting: usize,
@@ -57,34 +70,129 @@ pub struct DeliveryPoll {
     pub client: RapidProClient,
 }
 
+/// The code system of `Communication.statusReason` for entries RapidPro
+/// did not deliver (`fhir-profiles/CodeSystem-mhero-delivery-failure.json`).
+pub const FAILURE_CODE_SYSTEM: &str = "http://mhero.org/fhir/CodeSystem/mhero-delivery-failure";
+
+/// Why an entry was not delivered, as far as RapidPro's API tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureReason {
+    ContactStopped,
+    ContactBlocked,
+    ContactArchived,
+    NoRoute,
+    ChannelError,
+    NotSent,
+    BroadcastFailed,
+    FlowStartFailed,
+}
+
+impl FailureReason {
+    pub fn code(self) -> &'static str {
+        match self {
+            FailureReason::ContactStopped => "contact-stopped",
+            FailureReason::ContactBlocked => "contact-blocked",
+            FailureReason::ContactArchived => "contact-archived",
+            FailureReason::NoRoute => "no-route",
+            FailureReason::ChannelError => "channel-error",
+            FailureReason::NotSent => "not-sent",
+            FailureReason::BroadcastFailed => "broadcast-failed",
+            FailureReason::FlowStartFailed => "flow-start-failed",
+        }
+    }
+
+    fn display(self) -> &'static str {
+        match self {
+            FailureReason::ContactStopped => "Contact stopped",
+            FailureReason::ContactBlocked => "Contact blocked",
+            FailureReason::ContactArchived => "Contact archived",
+            FailureReason::NoRoute => "No route",
+            FailureReason::ChannelError => "Channel error",
+            FailureReason::NotSent => "No message created",
+            FailureReason::BroadcastFailed => "Broadcast failed",
+            FailureReason::FlowStartFailed => "Flow start failed",
+        }
+    }
+
+    fn text(self) -> &'static str {
+        match self {
+            FailureReason::ContactStopped => {
+                "RapidPro did not deliver the message: the contact is stopped (opted out)"
+            }
+            FailureReason::ContactBlocked => {
+                "RapidPro did not deliver the message: the contact is blocked"
+            }
+            FailureReason::ContactArchived => {
+                "RapidPro did not deliver the message: the contact is archived or gone"
+            }
+            FailureReason::NoRoute => {
+                "RapidPro did not deliver the message: no channel can send to this contact's number"
+            }
+            FailureReason::ChannelError => {
+                "RapidPro could not deliver the message: the channel failed (retries ran out)"
+            }
+            FailureReason::NotSent => {
+                "RapidPro finished the broadcast without a message for this contact (stopped, blocked or archived)"
+            }
+            FailureReason::BroadcastFailed => "RapidPro marked the broadcast failed",
+            FailureReason::FlowStartFailed => {
+                "RapidPro marked the flow start failed or interrupted it (an archived flow?)"
+            }
+        }
+    }
+
+    /// The `statusReason` CodeableConcept.
+    pub fn status_reason(self) -> Value {
+        json!({
+            "coding": [{
+                "system": FAILURE_CODE_SYSTEM,
+                "code": self.code(),
+                "display": self.display(),
+            }],
+            "text": self.text(),
+        })
+    }
+}
+
 /// What a message's status means for its outbox entry.
 enum Outcome {
     Sent {
         sent: Option<DateTime<Utc>>,
         received: Option<DateTime<Utc>>,
     },
-    Failed,
+    Failed(FailureReason),
     Waiting,
 }
 
-fn outcome(message: &Message) -> Outcome {
-    match message.status {
-        Some(MessageStatus::Wired) | Some(MessageStatus::Sent) => Outcome::Sent {
-            sent: message.sent_on.or(message.modified_on),
-            received: None,
-        },
-        Some(MessageStatus::Delivered) | Some(MessageStatus::Read) => Outcome::Sent {
-            sent: message.sent_on,
-            received: message.modified_on.or(message.sent_on),
-        },
-        Some(MessageStatus::Failed) => Outcome::Failed,
-        _ => Outcome::Waiting,
+/// Failed messages whose contact is looked up in one pass, at most (one
+/// call each); beyond that the reason comes from the message alone.
+const CONTACT_LOOKUPS_PER_PASS: usize = 50;
+
+/// Messages of one broadcast, by contact uuid and by URN.
+#[derive(Default)]
+struct BroadcastMessages {
+    by_contact: BTreeMap<String, Message>,
+    by_urn: BTreeMap<String, Message>,
+}
+
+impl BroadcastMessages {
+    fn find(&self, entry: &StoredResource) -> Option<&Message> {
+        let (contact, urn) = outbox::address(&entry.resource);
+        contact
+            .as_ref()
+            .and_then(|c| self.by_contact.get(c))
+            .or_else(|| urn.as_ref().and_then(|u| self.by_urn.get(u)))
     }
 }
 
-/// A failed message's reason, in words. RapidPro's API does not say which
-/// of its failure reasons applied.
-const FAILED_REASON: &str = "RapidPro could not deliver the message (the contact is blocked, stopped or archived, has no usable number or channel, or the channel failed)";
+/// One pass's state: the report, the requests touched, and the contact
+/// statuses already asked for.
+#[derive(Default)]
+struct Pass {
+    report: DeliveryReport,
+    requests: BTreeSet<String>,
+    contact_status: HashMap<String, Option<ContactStatus>>,
+}
 
 impl DeliveryPoll {
     pub async fn run_once(&self) -> Result<DeliveryReport, DeliveryPollError> {
@@ -98,72 +206,232 @@ impl DeliveryPoll {
         )
         .await?;
         let mut by_broadcast: BTreeMap<i64, Vec<StoredResource>> = BTreeMap::new();
+        let mut by_flow_start: BTreeMap<String, Vec<StoredResource>> = BTreeMap::new();
         for entry in open {
             if let Some(id) = outbox::identifier(&entry.resource, BROADCAST_ID_SYSTEM)
                 .and_then(|id| id.parse().ok())
             {
                 by_broadcast.entry(id).or_default().push(entry);
+            } else if let Some(start) = outbox::identifier(&entry.resource, FLOW_START_SYSTEM) {
+                by_flow_start.entry(start).or_default().push(entry);
             }
         }
-        let mut report = DeliveryReport::default();
-        let mut requests: BTreeSet<String> = BTreeSet::new();
+        let mut pass = Pass::default();
         for (broadcast, entries) in by_broadcast {
-            report.broadcasts += 1;
-            let mut messages = self.client.messages(&MessageQuery {
-                broadcast: Some(broadcast),
+            self.poll_broadcast(broadcast, entries, &mut pass).await?;
+        }
+        for (start, entries) in by_flow_start {
+            self.poll_flow_start(&start, entries, &mut pass).await?;
+        }
+        for request in &pass.requests {
+            if super::dispatch::complete_if_final(self.store.as_ref(), request).await? {
+                pass.report.completed_requests += 1;
+            }
+        }
+        Ok(pass.report)
+    }
+
+    async fn messages_of(&self, broadcast: i64) -> Result<BroadcastMessages, RapidProError> {
+        let mut messages = self.client.messages(&MessageQuery {
+            broadcast: Some(broadcast),
+            ..Default::default()
+        });
+        let mut found = BroadcastMessages::default();
+        while let Some(message) = messages.next().await {
+            let message = message?;
+            if let Some(contact) = &message.contact {
+                found
+                    .by_contact
+                    .insert(contact.uuid.clone(), message.clone());
+            }
+            if let Some(urn) = &message.urn {
+                found.by_urn.insert(urn.clone(), message);
+            }
+        }
+        Ok(found)
+    }
+
+    async fn poll_broadcast(
+        &self,
+        broadcast: i64,
+        entries: Vec<StoredResource>,
+        pass: &mut Pass,
+    ) -> Result<(), DeliveryPollError> {
+        pass.report.broadcasts += 1;
+        let mut messages = self.messages_of(broadcast).await?;
+        let mut missing = Vec::new();
+        for entry in entries {
+            let Some(message) = messages.find(&entry).cloned() else {
+                missing.push(entry);
+                continue;
+            };
+            let outcome = self.outcome(&message, pass).await?;
+            self.settle(&entry, outcome, pass).await?;
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let uuid = outbox::identifier(&missing[0].resource, BROADCAST_SYSTEM);
+        let status = match uuid {
+            Some(uuid) => self
+                .client
+                .broadcasts(&TimeQuery {
+                    uuid: Some(uuid),
+                    ..Default::default()
+                })
+                .next()
+                .await
+                .transpose()?
+                .and_then(|b| b.status),
+            None => None,
+        };
+        match status {
+            Some(JobStatus::Failed) => {
+                for entry in missing {
+                    let outcome = Outcome::Failed(FailureReason::BroadcastFailed);
+                    self.settle(&entry, outcome, pass).await?;
+                }
+            }
+            Some(JobStatus::Completed) => {
+                // Read again: a message created between the first read and
+                // the broadcast completing must not be taken as skipped.
+                messages = self.messages_of(broadcast).await?;
+                for entry in missing {
+                    let outcome = match messages.find(&entry).cloned() {
+                        Some(message) => self.outcome(&message, pass).await?,
+                        None => Outcome::Failed(FailureReason::NotSent),
+                    };
+                    self.settle(&entry, outcome, pass).await?;
+                }
+            }
+            _ => pass.report.waiting += missing.len(),
+        }
+        Ok(())
+    }
+
+    async fn poll_flow_start(
+        &self,
+        start: &str,
+        entries: Vec<StoredResource>,
+        pass: &mut Pass,
+    ) -> Result<(), DeliveryPollError> {
+        pass.report.flow_starts += 1;
+        let status = self
+            .client
+            .flow_starts(&TimeQuery {
+                uuid: Some(start.to_string()),
                 ..Default::default()
-            });
-            let mut by_contact: BTreeMap<String, Message> = BTreeMap::new();
-            let mut by_urn: BTreeMap<String, Message> = BTreeMap::new();
-            while let Some(message) = messages.next().await {
-                let message = message?;
-                if let Some(contact) = &message.contact {
-                    by_contact.insert(contact.uuid.clone(), message.clone());
-                }
-                if let Some(urn) = &message.urn {
-                    by_urn.insert(urn.clone(), message);
-                }
-            }
+            })
+            .next()
+            .await
+            .transpose()?
+            .and_then(|s| s.status);
+        if matches!(
+            status,
+            Some(JobStatus::Failed) | Some(JobStatus::Interrupted)
+        ) {
             for entry in entries {
-                let (contact, urn) = outbox::address(&entry.resource);
-                let message = contact
-                    .as_ref()
-                    .and_then(|c| by_contact.get(c))
-                    .or_else(|| urn.as_ref().and_then(|u| by_urn.get(u)));
-                let Some(message) = message else {
-                    report.waiting += 1;
-                    continue;
-                };
-                let outcome = outcome(message);
-                if matches!(outcome, Outcome::Waiting) {
-                    report.waiting += 1;
-                    continue;
-                }
-                let changed =
-                    modify_resource(self.store.as_ref(), "Communication", &entry.id, |current| {
-                        apply(current, &outcome)
+                let outcome = Outcome::Failed(FailureReason::FlowStartFailed);
+                self.settle(&entry, outcome, pass).await?;
+            }
+        } else {
+            pass.report.waiting += entries.len();
+        }
+        Ok(())
+    }
+
+    /// What `message`'s status means; for a failed one, why (asking
+    /// RapidPro for the contact's status, at most
+    /// `CONTACT_LOOKUPS_PER_PASS` times a pass).
+    async fn outcome(&self, message: &Message, pass: &mut Pass) -> Result<Outcome, RapidProError> {
+        Ok(match message.status {
+            Some(MessageStatus::Wired) | Some(MessageStatus::Sent) => Outcome::Sent {
+                sent: message.sent_on.or(message.modified_on),
+                received: None,
+            },
+            Some(MessageStatus::Delivered) | Some(MessageStatus::Read) => Outcome::Sent {
+                sent: message.sent_on,
+                received: message.modified_on.or(message.sent_on),
+            },
+            Some(MessageStatus::Failed) => Outcome::Failed(self.failure(message, pass).await?),
+            _ => Outcome::Waiting,
+        })
+    }
+
+    async fn failure(
+        &self,
+        message: &Message,
+        pass: &mut Pass,
+    ) -> Result<FailureReason, RapidProError> {
+        let no_route = message.channel.is_none() || message.urn.is_none();
+        let Some(contact) = message.contact.as_ref().map(|c| c.uuid.clone()) else {
+            return Ok(reason_from_message(no_route));
+        };
+        let status = match pass.contact_status.get(&contact) {
+            Some(status) => status.clone(),
+            None if pass.contact_status.len() < CONTACT_LOOKUPS_PER_PASS => {
+                let found = self
+                    .client
+                    .contacts(&ContactQuery {
+                        uuid: Some(contact.clone()),
+                        ..Default::default()
                     })
-                    .await?;
-                if changed.is_some() {
-                    match outcome {
-                        Outcome::Failed => report.failed += 1,
-                        _ => report.delivered += 1,
-                    }
-                    if let Some(request) = entry.resource["basedOn"][0]["reference"]
-                        .as_str()
-                        .and_then(|r| r.strip_prefix("CommunicationRequest/"))
-                    {
-                        requests.insert(request.to_string());
-                    }
-                }
+                    .next()
+                    .await
+                    .transpose()?;
+                let status = match found {
+                    Some(contact) => contact.status,
+                    None => Some(ContactStatus::Archived),
+                };
+                pass.contact_status.insert(contact, status.clone());
+                status
+            }
+            None => return Ok(reason_from_message(no_route)),
+        };
+        Ok(match status {
+            Some(ContactStatus::Stopped) => FailureReason::ContactStopped,
+            Some(ContactStatus::Blocked) => FailureReason::ContactBlocked,
+            Some(ContactStatus::Archived) => FailureReason::ContactArchived,
+            _ => reason_from_message(no_route),
+        })
+    }
+
+    /// Moves `entry` by `outcome` and counts it.
+    async fn settle(
+        &self,
+        entry: &StoredResource,
+        outcome: Outcome,
+        pass: &mut Pass,
+    ) -> Result<(), StoreError> {
+        if matches!(outcome, Outcome::Waiting) {
+            pass.report.waiting += 1;
+            return Ok(());
+        }
+        let changed = modify_resource(self.store.as_ref(), "Communication", &entry.id, |current| {
+            apply(current, &outcome)
+        })
+        .await?;
+        if changed.is_some() {
+            match outcome {
+                Outcome::Failed(_) => pass.report.failed += 1,
+                _ => pass.report.delivered += 1,
+            }
+            if let Some(request) = entry.resource["basedOn"][0]["reference"]
+                .as_str()
+                .and_then(|r| r.strip_prefix("CommunicationRequest/"))
+            {
+                pass.requests.insert(request.to_string());
             }
         }
-        for request in requests {
-            if super::dispatch::complete_if_final(self.store.as_ref(), &request).await? {
-                report.completed_requests += 1;
-            }
-        }
-        Ok(report)
+        Ok(())
+    }
+}
+
+fn reason_from_message(no_route: bool) -> FailureReason {
+    if no_route {
+        FailureReason::NoRoute
+    } else {
+        FailureReason::ChannelError
     }
 }
 
@@ -183,9 +451,9 @@ fn apply(current: &Value, outcome: &Outcome) -> Option<Value> {
                 updated["received"] = json!(format_instant(received));
             }
         }
-        Outcome::Failed => {
+        Outcome::Failed(reason) => {
             updated["status"] = json!("not-done");
-            updated["statusReason"] = json!({ "text": FAILED_REASON });
+            updated["statusReason"] = reason.status_reason();
         }
         Outcome::Waiting => return None,
     }
@@ -207,8 +475,8 @@ impl super::runner::Job for DeliveryPollJob {
             .await
             .map(|r| {
                 format!(
-                    "{} broadcasts, {} delivered, {} failed, {} waiting, {} requests completed",
-                    r.broadcasts, r.delivered, r.failed, r.waiting, r.completed_requests
+                    "{} broadcasts, {} flow starts, {} delivered, {} failed, {} waiting, {} requests completed",
+                    r.broadcasts, r.flow_starts, r.delivered, r.failed, r.waiting, r.completed_requests
                 )
             })
             .map_err(|e| crate::telemetry::redact_phones(&e.to_string()))

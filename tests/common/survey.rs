@@ -42,6 +42,17 @@ impl Survey {
     /// their runs. Webhooks of the flow go to `webhook_url` (default: a
     /// closed local port, so they fail fast).
     pub async fn start(n: usize, export: Value, webhook_url: Option<&str>) -> Survey {
+        Survey::start_then(n, export, webhook_url, |_| {}).await
+    }
+
+    /// As [`Survey::start`], with `before_runs` acting on the sandbox after
+    /// the flow start is accepted and before RapidPro processes it.
+    pub async fn start_then(
+        n: usize,
+        export: Value,
+        webhook_url: Option<&str>,
+        before_runs: impl FnOnce(&mhero::rapidpro::sandbox::Sandbox),
+    ) -> Survey {
         let dir = tempfile::tempdir().unwrap();
         let store: SharedStore = Arc::new(
             SqliteStore::open(&dir.path().join("fhir.sqlite"))
@@ -105,6 +116,7 @@ impl Survey {
         .await
         .unwrap();
         assert_eq!(report.sent, n, "{report:?}");
+        before_runs(sandbox.sandbox());
         sandbox.sandbox().process_flow_starts();
         let mut urns: Vec<(String, String)> = super::outbox_of(store.as_ref(), REQUEST)
             .await
