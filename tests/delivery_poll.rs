@@ -385,3 +385,88 @@ async fn a_failed_flow_start_fails_its_entries_and_a_running_one_waits_for_its_r
     let again = poll.run_once().await.unwrap();
     assert_eq!((again.flow_starts, again.failed), (0, 0), "{again:?}");
 }
+
+#[tokio::test]
+async fn a_sender_without_the_uuid_identifier_is_found_by_emnutt_fields_and_a_reply_is_read_once() {
+    use mhero::rapidpro::client::ContactLookup;
+    use mhero::rapidpro::types::{ContactWrite, FieldType, FieldWrite};
+    let world = World::with_people(2).await;
+    // The contact was made by emNutt: no uuid identifier on p1, but the
+    // contact names it through its globalid/mheroentitytype fields.
+    let contact = world
+        .sandbox
+        .sandbox()
+        .receive_message("tel:+231770001001", "Clinic closed today")
+        .unwrap();
+    let client = common::rapidpro_client_for(&world.sandbox).await;
+    for name in ["globalid", "mheroentitytype"] {
+        client
+            .create_field(&FieldWrite {
+                name: name.into(),
+                field_type: FieldType::Text,
+            })
+            .await
+            .unwrap();
+    }
+    let fields = [("globalid", "p1"), ("mheroentitytype", "Practitioner")]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), Some(v.to_string())))
+        .collect();
+    client
+        .update_contact(
+            &ContactLookup::Uuid(contact),
+            &ContactWrite {
+                fields: Some(fields),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    // Another contact names a person the store does not have.
+    let stranger = world
+        .sandbox
+        .sandbox()
+        .receive_message("tel:+231770009999", "hello")
+        .unwrap();
+    let fields = [("globalid", "nobody"), ("mheroentitytype", "Practitioner")]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), Some(v.to_string())))
+        .collect();
+    client
+        .update_contact(
+            &ContactLookup::Uuid(stranger),
+            &ContactWrite {
+                fields: Some(fields),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+
+    let inbound = world.inbound().await;
+    let report = inbound.run_once().await.unwrap();
+    assert_eq!(
+        (report.read, report.recorded, report.unknown_sender),
+        (2, 2, 1),
+        "{report:?}"
+    );
+    let from_p1 = mhero::store::search_all(
+        world.store.as_ref(),
+        "Communication",
+        vec![("sender".into(), "Practitioner/p1".into())],
+    )
+    .await
+    .unwrap();
+    assert_eq!(from_p1.len(), 1);
+    let version = from_p1[0].resource["meta"]["versionId"].clone();
+
+    // The overlap reads both again: nothing is written or counted twice.
+    let again = inbound.run_once().await.unwrap();
+    assert_eq!((again.read, again.recorded), (2, 0), "{again:?}");
+    let after = world
+        .store
+        .read("Communication", &from_p1[0].id)
+        .await
+        .unwrap();
+    assert_eq!(after.resource["meta"]["versionId"], version);
+}

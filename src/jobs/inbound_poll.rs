@@ -6,12 +6,14 @@
 //! filters by creation time), and writes each message as a `Communication`
 //! with a deterministic id (from the RapidPro message uuid, so a message
 //! read twice is one resource): `status` completed, `sender` = the person
-//! whose RapidPro contact uuid it is, `recipient` = the configured
+//! whose RapidPro contact uuid it is (else the one named by the contact's
+//! emNutt fields `mheroentitytype`/`globalid`), `recipient` = the configured
 //! organisation, `received`, the text and attachments, `medium` from the URN
 //! scheme, `inResponseTo` the last message sent to that person within
 //! `messaging.reply_window_hours` and `basedOn` its request. A text that is
 //! a STOP keyword sets the person's opt-out tag; a START keyword removes it.
-//! The cursor moves only after everything before it is stored. Replies
+//! A message already recorded is left as it is (the overlap re-reads
+//! some). The cursor moves only after everything before it is stored. Replies
 //! inside flows are flow results (not handled here).
 
 use std::time::Duration;
@@ -27,7 +29,7 @@ use crate::config::MessagingSettings;
 use crate::fhir::format_instant;
 use crate::pipeline::contact::{CONTACT_UUID_SYSTEM, PERSON_TYPES, with_opt_out};
 use crate::pipeline::outbox;
-use crate::rapidpro::client::{MessageQuery, RapidProClient, RapidProError};
+use crate::rapidpro::client::{ContactQuery, MessageQuery, RapidProClient, RapidProError};
 use crate::rapidpro::types::{Message, MessageDirection, MessageFolder};
 use crate::store::{
     SearchRequest, SharedStore, StoreError, escape_search_value, modify_resource, search_all,
@@ -102,8 +104,49 @@ impl InboundPoll {
         Ok(report)
     }
 
-    /// The person whose RapidPro contact this is: `(type, id)`.
-    async fn sender(&self, contact_uuid: &str) -> Result<Option<(String, String)>, StoreError> {
+    /// The person whose RapidPro contact this is: `(type, id)`, found by the
+    /// contact-uuid identifier, else by the contact's emNutt fields
+    /// (`mheroentitytype`/`globalid`, one RapidPro call) when they name a
+    /// person the store has.
+    async fn sender(
+        &self,
+        contact_uuid: &str,
+    ) -> Result<Option<(String, String)>, InboundPollError> {
+        if let Some(found) = self.sender_by_identifier(contact_uuid).await? {
+            return Ok(Some(found));
+        }
+        let contact = self
+            .client
+            .contacts(&ContactQuery {
+                uuid: Some(contact_uuid.to_string()),
+                ..Default::default()
+            })
+            .next()
+            .await
+            .transpose()?;
+        let named = contact.and_then(|c| {
+            let field = |key: &str| c.fields.get(key).cloned().flatten();
+            Some((field("mheroentitytype")?, field("globalid")?))
+        });
+        let Some((person_type, id)) = named else {
+            return Ok(None);
+        };
+        if !PERSON_TYPES.contains(&person_type.as_str())
+            || crate::fhir::resource_types::ensure_valid_id(&id).is_err()
+        {
+            return Ok(None);
+        }
+        match self.store.read(&person_type, &id).await {
+            Ok(_) => Ok(Some((person_type, id))),
+            Err(StoreError::NotFound { .. }) | Err(StoreError::Gone { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn sender_by_identifier(
+        &self,
+        contact_uuid: &str,
+    ) -> Result<Option<(String, String)>, StoreError> {
         for person_type in PERSON_TYPES {
             let found = self
                 .store
@@ -140,6 +183,11 @@ impl InboundPoll {
             return Ok(());
         };
         let id = Uuid::new_v5(&INBOUND_NAMESPACE, uuid.as_bytes()).to_string();
+        match self.store.read("Communication", &id).await {
+            Ok(_) => return Ok(()),
+            Err(StoreError::NotFound { .. }) | Err(StoreError::Gone { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
         let sender = match &message.contact {
             Some(contact) => self.sender(&contact.uuid).await?,
             None => None,
