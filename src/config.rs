@@ -55,6 +55,54 @@ pub struct Settings {
     pub phone: PhoneSettings,
     pub groups: GroupsSettings,
     pub messaging: MessagingSettings,
+    /// Validation write-back rules (`[[writeback]]`; none by default).
+    #[serde(default)]
+    pub writeback: Vec<WritebackRule>,
+}
+
+/// A flow result that confirms an element of the person's own record
+/// (docs/flow-results.md, `pipeline::writeback`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WritebackRule {
+    /// The flow's uuid, or `*` for any flow.
+    #[serde(default = "any_flow")]
+    pub flow: String,
+    /// The result key (RapidPro's snake case, e.g. `confirmed_phone`).
+    pub result: String,
+    pub element: PersonElement,
+}
+
+fn any_flow() -> String {
+    "*".into()
+}
+
+/// The elements a write-back can set.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PersonElement {
+    /// The first `telecom` phone (E.164).
+    Phone,
+    /// The first `telecom` email.
+    Email,
+    Gender,
+    BirthDate,
+    Active,
+    /// `communication[0].language` (BCP 47 / ISO 639 code).
+    Language,
+}
+
+impl PersonElement {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PersonElement::Phone => "phone",
+            PersonElement::Email => "email",
+            PersonElement::Gender => "gender",
+            PersonElement::BirthDate => "birth_date",
+            PersonElement::Active => "active",
+            PersonElement::Language => "language",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -443,6 +491,17 @@ impl Settings {
             }
         }
         messaging.time_zone()?;
+        for (i, rule) in self.writeback.iter().enumerate() {
+            if rule.result.trim().is_empty() {
+                return Err(ConfigError(format!("writeback[{i}].result is empty")));
+            }
+            if rule.flow != "*" && uuid::Uuid::parse_str(&rule.flow).is_err() {
+                return Err(ConfigError(format!(
+                    "writeback[{i}].flow must be a flow uuid or \"*\", got {:?}",
+                    rule.flow
+                )));
+            }
+        }
         if self.server.max_body_bytes == 0 {
             return Err(ConfigError(
                 "server.max_body_bytes must be at least 1".into(),
@@ -642,6 +701,41 @@ mod tests {
         .unwrap();
         let err = Settings::load_from(Some(&path), env(&[])).unwrap_err();
         assert!(err.to_string().contains("signal"), "{err}");
+    }
+
+    #[test]
+    fn writeback_rules_come_from_the_file_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[[writeback]]\nresult = \"confirmed_phone\"\nelement = \"phone\"\n\n[[writeback]]\nflow = \"0c7d1f0e-3a51-4c57-8f0a-6a1d2b9e4c21\"\nresult = \"still_working\"\nelement = \"active\"\n",
+        )
+        .unwrap();
+        let s = Settings::load_from(Some(&path), env(&[])).unwrap();
+        assert_eq!(s.writeback.len(), 2);
+        assert_eq!(s.writeback[0].flow, "*");
+        assert_eq!(s.writeback[1].element, PersonElement::Active);
+        assert!(
+            Settings::load_from(None, env(&[]))
+                .unwrap()
+                .writeback
+                .is_empty()
+        );
+        std::fs::write(
+            &path,
+            "[[writeback]]\nresult = \"x\"\nelement = \"shoe_size\"\n",
+        )
+        .unwrap();
+        let err = Settings::load_from(Some(&path), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("shoe_size"), "{err}");
+        std::fs::write(
+            &path,
+            "[[writeback]]\nflow = \"survey\"\nresult = \"x\"\nelement = \"email\"\n",
+        )
+        .unwrap();
+        let err = Settings::load_from(Some(&path), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("writeback[0].flow"), "{err}");
     }
 
     #[test]

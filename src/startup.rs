@@ -21,6 +21,7 @@ use crate::jobs::rapidpro_directory::RapidProDirectory;
 use crate::jobs::runner::{self, Nudge};
 use crate::jobs::schedule::{ScheduleJob, Scheduler};
 use crate::pipeline::phone::PhoneNormalizer;
+use crate::pipeline::writeback::WritebackConfig;
 use crate::rapidpro::client::RapidProClient;
 use crate::rapidpro::throttle::Throttle;
 use crate::store::metered::MeteredStore;
@@ -102,6 +103,10 @@ fn rapidpro_jobs(
         store: Arc::clone(store),
         client: client.clone(),
         overlap: chrono::Duration::seconds(settings.messaging.run_poll_overlap_secs as i64),
+        writeback: (!settings.writeback.is_empty()).then(|| WritebackConfig {
+            rules: settings.writeback.clone(),
+            phones: phones.clone(),
+        }),
     };
     let flow_sync = FlowSyncJob {
         store: Arc::clone(store),

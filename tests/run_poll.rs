@@ -168,3 +168,142 @@ async fn a_run_without_a_flow_start_is_recorded_for_the_contact_owner() {
     );
     assert_eq!(answer(&response, "stock")["valueDecimal"], 3);
 }
+
+#[tokio::test]
+async fn a_completed_validation_run_is_written_back_once_with_its_provenance() {
+    use common::survey::validation_export;
+    use mhero::config::{PersonElement, WritebackRule};
+    use mhero::pipeline::phone::PhoneNormalizer;
+    use mhero::pipeline::writeback::WritebackConfig;
+
+    let survey = Survey::start(3, validation_export(), None).await;
+    // hw-0 confirms a new number and still works there.
+    survey.reply("hw-0", &["my number is +231 886 555 123", "yes"]);
+    // hw-1 gives hw-2's number (RapidPro has it on hw-2's contact) and no
+    // longer works there.
+    survey.reply("hw-1", &["+231 77 000 0002", "no"]);
+    // hw-2 answers the first question and is interrupted: nothing of an
+    // unfinished run is written back.
+    let contact = survey.reply("hw-2", &["+231 886 555 999"]);
+    assert_eq!(survey.sandbox.sandbox().interrupt_contact(&contact), 1);
+    // hw-2 is known to FHIR by their contact (as the contact sync does).
+    mhero::store::modify_resource(survey.store.as_ref(), "Practitioner", "hw-2", |p| {
+        let mut p = p.clone();
+        p["identifier"] =
+            serde_json::json!([{ "system": "http://app.rapidpro.io/contact-uuid", "value": contact }]);
+        Some(p)
+    })
+    .await
+    .unwrap();
+
+    let config = WritebackConfig {
+        rules: vec![
+            WritebackRule {
+                flow: "*".into(),
+                result: "confirmed_phone".into(),
+                element: PersonElement::Phone,
+            },
+            WritebackRule {
+                flow: validation_export()["flows"][0]["uuid"]
+                    .as_str()
+                    .unwrap()
+                    .into(),
+                result: "still_working".into(),
+                element: PersonElement::Active,
+            },
+        ],
+        phones: PhoneNormalizer::new(Some("LR")).unwrap(),
+    };
+    let report = survey.poll_with(Some(&config)).await;
+    assert!(report.failures.is_empty(), "{report}");
+    assert_eq!(
+        (
+            report.written_back,
+            report.elements_written,
+            report.writeback_rejected
+        ),
+        (2, 2, 1),
+        "{report}"
+    );
+
+    let read = |id: &str| {
+        let store = std::sync::Arc::clone(&survey.store);
+        let id = id.to_string();
+        async move { store.read("Practitioner", &id).await.unwrap().resource }
+    };
+    let provenance_of = |person: &str| {
+        let store = std::sync::Arc::clone(&survey.store);
+        let person = person.to_string();
+        async move {
+            mhero::store::search_all(
+                store.as_ref(),
+                "Provenance",
+                vec![("target".into(), person)],
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let outcome = |provenance: &Value, result: &str| -> (String, Option<String>) {
+        let part = provenance["extension"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["extension"][0]["valueString"] == result)
+            .unwrap_or_else(|| panic!("{result} in {provenance}"));
+        let sub = |name: &str| {
+            part["extension"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["url"] == name)
+                .map(|s| {
+                    s.get("valueString")
+                        .or(s.get("valueCode"))
+                        .unwrap()
+                        .as_str()
+                        .unwrap()
+                        .to_string()
+                })
+        };
+        (sub("outcome").unwrap(), sub("previous").or(sub("reason")))
+    };
+
+    let hw0 = read("hw-0").await;
+    assert_eq!(hw0["telecom"][0]["value"], "+231886555123");
+    assert_eq!(hw0["active"], true);
+    let provenance = provenance_of("Practitioner/hw-0").await;
+    assert_eq!(provenance.len(), 1);
+    let p0 = &provenance[0].resource;
+    assert_eq!(p0["agent"][0]["who"]["reference"], "Practitioner/hw-0");
+    assert!(
+        p0["entity"][0]["what"]["reference"]
+            .as_str()
+            .unwrap()
+            .starts_with("QuestionnaireResponse/")
+    );
+    assert_eq!(p0["activity"]["coding"][0]["code"], "UPDATE");
+    assert_eq!(
+        outcome(p0, "confirmed_phone"),
+        ("applied".into(), Some("077 000 0000".into()))
+    );
+    assert_eq!(outcome(p0, "still_working").0, "unchanged");
+
+    let hw1 = read("hw-1").await;
+    assert_eq!(hw1["active"], false);
+    assert_eq!(hw1["telecom"][0]["value"], "077 000 0001", "not forced");
+    let p1 = provenance_of("Practitioner/hw-1").await;
+    let (conflict, reason) = outcome(&p1[0].resource, "confirmed_phone");
+    assert_eq!(conflict, "conflict");
+    assert!(reason.unwrap().contains("Practitioner/hw-2"));
+
+    assert!(provenance_of("Practitioner/hw-2").await.is_empty());
+    assert_eq!(read("hw-2").await["telecom"][0]["value"], "077 000 0002");
+
+    // The next pass sees the same runs: nothing is written back twice.
+    let version = hw0["meta"]["versionId"].clone();
+    let again = survey.poll_with(Some(&config)).await;
+    assert!(again.failures.is_empty(), "{again}");
+    assert_eq!(again.written_back, 0, "{again}");
+    assert_eq!(read("hw-0").await["meta"]["versionId"], version);
+}

@@ -166,10 +166,13 @@ pub async fn sync_runs(
             .unwrap_or_else(|_| ProgressStyle::default_spinner()),
     );
     progress.enable_steady_tick(std::time::Duration::from_millis(120));
+    let writeback = crate::pipeline::writeback::WritebackConfig::from_settings(settings)
+        .map_err(|e| SyncCommandError::Config(e.to_string()))?;
     let poll = crate::jobs::run_poll::RunPoll {
         store: store.as_ref(),
         client: &client,
         overlap: chrono::Duration::seconds(settings.messaging.run_poll_overlap_secs as i64),
+        writeback: writeback.as_ref(),
     };
     let report = poll.run_with_progress(|| progress.inc(1)).await;
     progress.finish_and_clear();

@@ -87,6 +87,10 @@ pub const PROFILE_FILES: &[(&str, &str)] = &[
         include_str!("../../fhir-profiles/StructureDefinition-mhero-workflows.json"),
     ),
     (
+        "StructureDefinition-mhero-writeback.json",
+        include_str!("../../fhir-profiles/StructureDefinition-mhero-writeback.json"),
+    ),
+    (
         "StructureDefinition-sms-cron-expression-schedule.json",
         include_str!("../../fhir-profiles/StructureDefinition-sms-cron-expression-schedule.json"),
     ),

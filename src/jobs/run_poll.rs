@@ -16,6 +16,7 @@ use futures::StreamExt;
 use super::cursor::Cursor;
 use crate::pipeline::flow_results::{self, RunRecord, Written};
 use crate::pipeline::webhook_event::{self, STATE_TAG_SYSTEM, State};
+use crate::pipeline::writeback::{self, WritebackConfig};
 use crate::rapidpro::client::{RapidProClient, RapidProError, RunQuery, TimeQuery};
 use crate::store::{FhirStore, StoreError, search_all};
 
@@ -45,6 +46,12 @@ pub struct RunPollReport {
     pub unknown_people: usize,
     /// Webhook events recorded by this pass.
     pub webhook_events: usize,
+    /// Completed runs written back to their person (a Provenance each).
+    pub written_back: usize,
+    /// Elements changed by the write-back.
+    pub elements_written: usize,
+    /// Results the write-back refused (invalid or conflicting).
+    pub writeback_rejected: usize,
     pub failures: Vec<String>,
 }
 
@@ -63,6 +70,13 @@ impl std::fmt::Display for RunPollReport {
             self.webhook_events,
             self.failures.len()
         )?;
+        if self.written_back > 0 {
+            writeln!(
+                f,
+                "write-back: {} runs, {} elements written, {} results refused",
+                self.written_back, self.elements_written, self.writeback_rejected
+            )?;
+        }
         for failure in &self.failures {
             writeln!(f, "  failed: {failure}")?;
         }
@@ -75,6 +89,7 @@ pub struct RunPollJob {
     pub store: crate::store::SharedStore,
     pub client: RapidProClient,
     pub overlap: Duration,
+    pub writeback: Option<WritebackConfig>,
 }
 
 #[async_trait::async_trait]
@@ -88,6 +103,7 @@ impl super::runner::Job for RunPollJob {
             store: self.store.as_ref(),
             client: &self.client,
             overlap: self.overlap,
+            writeback: self.writeback.as_ref(),
         };
         match poll.run_once().await {
             Ok(report) if report.failures.is_empty() => Ok(report.to_string().trim().to_string()),
@@ -103,6 +119,8 @@ pub struct RunPoll<'a> {
     pub client: &'a RapidProClient,
     /// How far before the cursor to look again.
     pub overlap: Duration,
+    /// Validation write-back of completed runs, when rules are configured.
+    pub writeback: Option<&'a WritebackConfig>,
 }
 
 impl RunPoll<'_> {
@@ -173,6 +191,15 @@ impl RunPoll<'_> {
                     }
                     report.outbox_closed += recorded.outbox_closed;
                     report.unknown_people += recorded.unknown_person as usize;
+                    if let Err(e) = self.write_back(&record, &recorded, &mut report).await {
+                        // The cursor stays: the next pass tries again.
+                        report.failures.push(format!(
+                            "write-back of run {}: {}",
+                            record.run_uuid.as_deref().unwrap_or("?"),
+                            crate::telemetry::redact_phones(&e.to_string())
+                        ));
+                        continue;
+                    }
                     if run.modified_on > newest {
                         newest = run.modified_on;
                     }
@@ -194,6 +221,33 @@ impl RunPoll<'_> {
         }
         self.retry_webhook_events(&mut report).await?;
         Ok(report)
+    }
+
+    /// The validation write-back of a completed run (docs/flow-results.md).
+    async fn write_back(
+        &self,
+        record: &RunRecord,
+        recorded: &flow_results::Recorded,
+        report: &mut RunPollReport,
+    ) -> Result<(), writeback::WritebackError> {
+        let (Some(config), Some(person)) = (self.writeback, recorded.subject.as_deref()) else {
+            return Ok(());
+        };
+        if let Some(done) = writeback::write_back(
+            self.store,
+            self.client,
+            config,
+            record,
+            person,
+            &recorded.response_id,
+        )
+        .await?
+        {
+            report.written_back += 1;
+            report.elements_written += done.applied;
+            report.writeback_rejected += done.rejected;
+        }
+        Ok(())
     }
 
     /// The flow's result specs, and whether its Questionnaire was written.

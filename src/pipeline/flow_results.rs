@@ -718,9 +718,13 @@ pub fn specs_from_questionnaire(questionnaire: &Value) -> Vec<ResultSpec> {
 }
 
 /// What recording one run did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recorded {
     pub response: Written,
+    /// The QuestionnaireResponse's id.
+    pub response_id: String,
+    /// The person the run is about (`Practitioner/<id>`, …), if known.
+    pub subject: Option<String>,
     /// Outbox entries that became `completed` / `stopped`.
     pub outbox_closed: usize,
     /// No FHIR person was found for the contact.
@@ -754,12 +758,15 @@ pub async fn record_run(
     let Some(qr) = questionnaire_response(record, subject.as_deref(), specs) else {
         return Ok(None);
     };
+    let response_id = qr["id"].as_str().unwrap_or_default().to_string();
     let response = store_response(store, qr, authoritative).await?;
     let (outbox_closed, _) = close_outbox(store, record).await?;
     Ok(Some(Recorded {
         response,
+        response_id,
         outbox_closed,
         unknown_person: subject.is_none(),
+        subject,
     }))
 }
 

@@ -21,6 +21,13 @@ pub fn survey_export() -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// The health-worker validation flow (confirmed phone, still working).
+pub fn validation_export() -> Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/flows/validation_v13.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 pub fn survey_uuid() -> String {
     survey_export()["flows"][0]["uuid"]
         .as_str()
@@ -100,7 +107,7 @@ impl Survey {
                 REQUEST,
                 json!({ "resourceType": "CommunicationRequest", "id": REQUEST, "status": "active",
                     "recipient": recipients,
-                    "payload": [{ "contentReference": { "reference": format!("Basic/{}", survey_uuid()) } }] }),
+                    "payload": [{ "contentReference": { "reference": format!("Basic/{}", export["flows"][0]["uuid"].as_str().unwrap()) } }] }),
                 None,
             )
             .await
@@ -168,10 +175,19 @@ impl Survey {
     }
 
     pub async fn poll(&self) -> RunPollReport {
+        self.poll_with(None).await
+    }
+
+    /// A run poll pass with the validation write-back configured.
+    pub async fn poll_with(
+        &self,
+        writeback: Option<&mhero::pipeline::writeback::WritebackConfig>,
+    ) -> RunPollReport {
         RunPoll {
             store: self.store.as_ref(),
             client: &self.client,
             overlap: chrono::Duration::seconds(60),
+            writeback,
         }
         .run_once()
         .await
