@@ -312,3 +312,48 @@ async fn an_event_left_received_is_recorded_by_the_next_run_poll() {
         0
     );
 }
+
+#[tokio::test]
+async fn an_older_event_arriving_late_does_not_undo_a_newer_one() {
+    let (_dir, store) = empty_store().await;
+    let app = app(store.clone()).await;
+    let token = format!("Token {TOKEN}");
+    let newer = common::fixture(RESTHOOK);
+    // An earlier moment of the same run: only the phone number, and a
+    // first answer to the colour question that was later corrected.
+    let mut older = newer.clone();
+    older["results"] = serde_json::json!({
+        "phone_number": newer["results"]["phone_number"].clone(),
+        "favorite_color": { "category": "Blue", "category_localized": "Blue",
+            "created_on": "2025-05-04T12:31:10.123456Z", "input": "", "name": "Favorite Color",
+            "node_uuid": "f5bb9b7a-7b5e-45c3-8f0e-61b4e95edf03", "value": "blue" },
+    });
+    older["path"] = serde_json::json!([newer["path"][0].clone(), newer["path"][1].clone()]);
+
+    let (status, body) = post(&app, Some(&token), &newer.to_string()).await;
+    assert_eq!(status, 200, "{body}");
+    let run = "01969b47-113b-76f8-95cf-9fca95f1c30a";
+    let first = store.read("QuestionnaireResponse", run).await.unwrap();
+    let (status, body) = post(&app, Some(&token), &older.to_string()).await;
+    assert!(status == 200 || status == 202, "{status} {body}");
+    assert_eq!(body["duplicate"], false, "a different event: {body}");
+
+    let after = store.read("QuestionnaireResponse", run).await.unwrap();
+    assert_eq!(
+        answer(&after.resource, "favorite_color")["valueString"],
+        "red",
+        "the later answer stays"
+    );
+    assert_eq!(
+        answer(&after.resource, "2factor")["valueDecimal"],
+        34634624463525u64
+    );
+    assert_eq!(
+        answer(&after.resource, "phone_number")["valueString"],
+        "+12344563452",
+        "a phone number is not a decimal"
+    );
+    assert_eq!(after.resource["authored"], first.resource["authored"]);
+    assert_eq!(events(store.as_ref(), None).await.len(), 2, "both kept");
+    app.stop().await;
+}

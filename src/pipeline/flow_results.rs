@@ -379,7 +379,7 @@ fn answer(value: &ResultValue, item_type: ItemType) -> Value {
     let mut answer = match item_type {
         ItemType::Decimal => match raw.parse::<f64>() {
             Ok(n) if n.is_finite() && is_plain_number(raw) => {
-                serde_json::from_str::<serde_json::Number>(raw.trim_start_matches('+'))
+                serde_json::from_str::<serde_json::Number>(raw)
                     .map(|n| json!({ "valueDecimal": n }))
                     .unwrap_or_else(|_| json!({ "valueDecimal": n }))
             }
@@ -400,13 +400,16 @@ fn answer(value: &ResultValue, item_type: ItemType) -> Value {
     answer
 }
 
-/// `-12`, `3.5`: JSON-compatible decimals only (no `1e3`, `NaN`, `0x1`).
+/// `-12`, `3.5`, `0.25`: JSON-compatible decimals only (no `1e3`, `NaN`,
+/// `0x1`), and nothing a number would change: a leading `+` or zero is a
+/// phone number or a code (`+231770…`, `0770…`), kept as text.
 fn is_plain_number(raw: &str) -> bool {
-    let digits = raw.trim_start_matches(['+', '-']);
+    let digits = raw.strip_prefix('-').unwrap_or(raw);
     let mut parts = digits.splitn(2, '.');
     let whole = parts.next().unwrap_or("");
     let frac = parts.next();
     !whole.is_empty()
+        && (whole == "0" || !whole.starts_with('0'))
         && whole.chars().all(|c| c.is_ascii_digit())
         && frac.is_none_or(|f| !f.is_empty() && f.chars().all(|c| c.is_ascii_digit()))
 }
@@ -479,8 +482,10 @@ fn is_final_status(status: &str) -> bool {
 
 /// What to write over `stored` (the current version, if any). A full run
 /// (`authoritative`, from `runs.json`) replaces the items; a webhook merges
-/// its results into them. Never moves a final response back to
-/// `in-progress`, never replaces a newer `authored`, keeps a known subject.
+/// its results into them; a webhook older than what is stored (an event
+/// arriving late) only adds answers the response lacks, never replaces
+/// one. Never moves a final response back to `in-progress`, never
+/// replaces a newer `authored`, keeps a known subject.
 pub fn merge(stored: Option<&Value>, new: Value, authoritative: bool) -> Value {
     let Some(stored) = stored else {
         return new;
@@ -495,9 +500,11 @@ pub fn merge(stored: Option<&Value>, new: Value, authoritative: bool) -> Value {
             .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
             .map(|t| t.with_timezone(&Utc))
     };
-    if let (Some(old), Some(new)) = (parse(&stored["authored"]), parse(&merged["authored"]))
-        && old > new
-    {
+    let late = matches!(
+        (parse(&stored["authored"]), parse(&merged["authored"])),
+        (Some(old), Some(new)) if old > new
+    );
+    if late {
         merged["authored"] = stored["authored"].clone();
     }
     for element in ["subject", "source"] {
@@ -511,6 +518,7 @@ pub fn merge(stored: Option<&Value>, new: Value, authoritative: bool) -> Value {
         let mut items: Vec<Value> = stored["item"].as_array().cloned().unwrap_or_default();
         for item in merged["item"].as_array().cloned().unwrap_or_default() {
             match items.iter_mut().find(|i| i["linkId"] == item["linkId"]) {
+                Some(_) if late => {}
                 Some(existing) => *existing = item,
                 None => items.push(item),
             }
@@ -824,6 +832,16 @@ mod tests {
             json!({"valueDate": "2026-11-22"})
         );
         assert_eq!(guess_type(&v("+12344563452x", None)), ItemType::String);
+        // A phone number or a code with a leading zero is not a quantity.
+        assert_eq!(guess_type(&v("+12344563452", None)), ItemType::String);
+        assert_eq!(
+            answer(&v("0770123456", None), ItemType::Decimal),
+            json!({"valueString": "0770123456"})
+        );
+        assert_eq!(
+            answer(&v("0.5", None), ItemType::Decimal),
+            json!({"valueDecimal": 0.5})
+        );
     }
 
     #[test]
