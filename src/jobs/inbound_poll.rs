@@ -27,13 +27,11 @@ use uuid::Uuid;
 use super::cursor::Cursor;
 use crate::config::MessagingSettings;
 use crate::fhir::format_instant;
-use crate::pipeline::contact::{CONTACT_UUID_SYSTEM, PERSON_TYPES, with_opt_out};
+use crate::pipeline::contact::{PERSON_TYPES, with_opt_out};
 use crate::pipeline::outbox;
 use crate::rapidpro::client::{ContactQuery, MessageQuery, RapidProClient, RapidProError};
 use crate::rapidpro::types::{Message, MessageDirection, MessageFolder};
-use crate::store::{
-    SearchRequest, SharedStore, StoreError, escape_search_value, modify_resource, search_all,
-};
+use crate::store::{SharedStore, StoreError, modify_resource, search_all};
 
 const CURSOR_NAME: &str = "rapidpro-inbound";
 /// Namespace of inbound Communication ids (UUID v5 of the message uuid).
@@ -147,31 +145,13 @@ impl InboundPoll {
         &self,
         contact_uuid: &str,
     ) -> Result<Option<(String, String)>, StoreError> {
-        for person_type in PERSON_TYPES {
-            let found = self
-                .store
-                .search(SearchRequest {
-                    resource_type: person_type.to_string(),
-                    params: vec![
-                        (
-                            "identifier".into(),
-                            format!(
-                                "{CONTACT_UUID_SYSTEM}|{}",
-                                escape_search_value(contact_uuid)
-                            ),
-                        ),
-                        ("_count".into(), "1".into()),
-                        ("_total".into(), "none".into()),
-                    ],
-                    cursor: None,
-                    lenient: false,
-                })
+        let found =
+            crate::pipeline::flow_results::person_of_contact(self.store.as_ref(), contact_uuid)
                 .await?;
-            if let Some(person) = found.matches.into_iter().next() {
-                return Ok(Some((person_type.to_string(), person.id)));
-            }
-        }
-        Ok(None)
+        Ok(found.and_then(|r| {
+            r.split_once('/')
+                .map(|(t, id)| (t.to_string(), id.to_string()))
+        }))
     }
 
     async fn record(
