@@ -395,11 +395,13 @@ async fn import(settings: Settings, files: Vec<PathBuf>) -> ExitCode {
     }
 }
 
-async fn sync_contacts(settings: Settings, full: bool) -> ExitCode {
-    match mhero::cli::sync::sync_contacts(&settings, full).await {
-        Ok((pushed, pulled)) => {
-            print!("{pushed}{pulled}");
-            if pushed.failures.is_empty() && pulled.failures.is_empty() {
+/// Prints what a sync pass wrote and gives its exit code: 0; 1 when the
+/// pass failed or `clean` says it left something out; 2 for configuration.
+fn sync_exit(result: Result<(String, bool), mhero::cli::sync::SyncCommandError>) -> ExitCode {
+    match result {
+        Ok((report, clean)) => {
+            print!("{report}");
+            if clean {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
@@ -414,86 +416,49 @@ async fn sync_contacts(settings: Settings, full: bool) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+async fn sync_contacts(settings: Settings, full: bool) -> ExitCode {
+    sync_exit(
+        mhero::cli::sync::sync_contacts(&settings, full)
+            .await
+            .map(|(pushed, pulled)| {
+                let clean = pushed.failures.is_empty() && pulled.failures.is_empty();
+                (format!("{pushed}{pulled}"), clean)
+            }),
+    )
 }
 
 async fn sync_groups(settings: &Settings, full: bool) -> ExitCode {
-    match mhero::cli::sync::sync_groups(settings, full).await {
-        Ok(report) => {
-            print!("{report}");
-            if report.failures.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            }
-        }
-        Err(mhero::cli::sync::SyncCommandError::Config(e)) => {
-            eprintln!("cannot sync: {e}");
-            ExitCode::from(2)
-        }
-        Err(e) => {
-            eprintln!("sync failed: {e}");
-            ExitCode::from(1)
-        }
-    }
+    sync_exit(
+        mhero::cli::sync::sync_groups(settings, full)
+            .await
+            .map(|r| (r.to_string(), r.failures.is_empty())),
+    )
 }
 
 async fn sync_flows(settings: &Settings) -> ExitCode {
-    match mhero::cli::sync::sync_flows(settings).await {
-        Ok(report) => {
-            print!("{report}");
-            if report.skipped.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            }
-        }
-        Err(mhero::cli::sync::SyncCommandError::Config(e)) => {
-            eprintln!("cannot sync: {e}");
-            ExitCode::from(2)
-        }
-        Err(e) => {
-            eprintln!("sync failed: {e}");
-            ExitCode::from(1)
-        }
-    }
+    sync_exit(
+        mhero::cli::sync::sync_flows(settings)
+            .await
+            .map(|r| (r.to_string(), r.skipped.is_empty())),
+    )
 }
 
 async fn sync_messages(settings: &Settings) -> ExitCode {
-    match mhero::cli::sync::sync_messages(settings).await {
-        Ok((delivery, inbound)) => {
-            print!("{delivery}{inbound}");
-            ExitCode::SUCCESS
-        }
-        Err(mhero::cli::sync::SyncCommandError::Config(e)) => {
-            eprintln!("cannot sync: {e}");
-            ExitCode::from(2)
-        }
-        Err(e) => {
-            eprintln!("sync failed: {e}");
-            ExitCode::from(1)
-        }
-    }
+    sync_exit(
+        mhero::cli::sync::sync_messages(settings)
+            .await
+            .map(|(delivery, inbound)| (format!("{delivery}{inbound}"), true)),
+    )
 }
 
 async fn sync_runs(settings: &Settings) -> ExitCode {
-    match mhero::cli::sync::sync_runs(settings).await {
-        Ok(report) => {
-            print!("{report}");
-            if report.failures.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            }
-        }
-        Err(mhero::cli::sync::SyncCommandError::Config(e)) => {
-            eprintln!("cannot sync: {e}");
-            ExitCode::from(2)
-        }
-        Err(e) => {
-            eprintln!("sync failed: {e}");
-            ExitCode::from(1)
-        }
-    }
+    sync_exit(
+        mhero::cli::sync::sync_runs(settings)
+            .await
+            .map(|r| (r.to_string(), r.failures.is_empty())),
+    )
 }
 
 async fn check(settings: Settings) -> ExitCode {
