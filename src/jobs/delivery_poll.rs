@@ -164,6 +164,10 @@ enum Outcome {
     Waiting,
 }
 
+/// RapidPro reads in flight at once (the client's throttle still paces
+/// them).
+const CONCURRENT_READS: usize = 4;
+
 /// Failed messages whose contact is looked up in one pass, at most (one
 /// call each); beyond that the reason comes from the message alone.
 const CONTACT_LOOKUPS_PER_PASS: usize = 50;
@@ -217,8 +221,16 @@ impl DeliveryPoll {
             }
         }
         let mut pass = Pass::default();
-        for (broadcast, entries) in by_broadcast {
-            self.poll_broadcast(broadcast, entries, &mut pass).await?;
+        // The messages of a few broadcasts are read at once (the calls
+        // wait on RapidPro); each is settled as its answer comes, in order.
+        let mut fetched = futures::stream::iter(by_broadcast)
+            .map(|(broadcast, entries)| async move {
+                (broadcast, self.messages_of(broadcast).await, entries)
+            })
+            .buffered(CONCURRENT_READS);
+        while let Some((broadcast, messages, entries)) = fetched.next().await {
+            self.poll_broadcast(broadcast, messages?, entries, &mut pass)
+                .await?;
         }
         for (start, entries) in by_flow_start {
             self.poll_flow_start(&start, entries, &mut pass).await?;
@@ -254,11 +266,11 @@ impl DeliveryPoll {
     async fn poll_broadcast(
         &self,
         broadcast: i64,
+        mut messages: BroadcastMessages,
         entries: Vec<StoredResource>,
         pass: &mut Pass,
     ) -> Result<(), DeliveryPollError> {
         pass.report.broadcasts += 1;
-        let mut messages = self.messages_of(broadcast).await?;
         let mut missing = Vec::new();
         for entry in entries {
             let Some(message) = messages.find(&entry).cloned() else {

@@ -172,6 +172,7 @@ impl InboundPoll {
             Some(contact) => self.sender(&contact.uuid).await?,
             None => None,
         };
+
         let received = message.created_on.unwrap_or_else(Utc::now);
         let mut communication = json!({
             "resourceType": "Communication",
@@ -211,6 +212,7 @@ impl InboundPoll {
             .store
             .update("Communication", &id, communication, None)
             .await?;
+
         if written.kind == crate::store::WriteKind::Created {
             report.recorded += 1;
         }
@@ -246,6 +248,11 @@ impl InboundPoll {
 
     /// The last outbox entry sent to `person` within the reply window
     /// before `received`: `(Communication id, its request reference)`.
+    /// The outbox entry sent to `person` most recently updated within the
+    /// reply window before `received`, and its request. Searched by
+    /// recipient only (the person's few entries, through the reference
+    /// index) and picked here: a `status`, `_lastUpdated` or `_sort` filter
+    /// made the embedded store walk every sent Communication per reply.
     async fn last_sent_to(
         &self,
         person: &str,
@@ -257,22 +264,32 @@ impl InboundPoll {
             "Communication",
             vec![
                 ("recipient".into(), person.to_string()),
-                ("status".into(), "in-progress,completed".into()),
-                (
-                    "_lastUpdated".into(),
-                    format!("ge{}", format_instant(&since)),
-                ),
-                ("_sort".into(), "-_lastUpdated".into()),
-                ("_count".into(), "1".into()),
+                ("_count".into(), "100".into()),
             ],
         )
         .await?;
-        Ok(sent.into_iter().next().map(|c| {
-            let request = c.resource["basedOn"][0]["reference"]
+        let updated = |c: &crate::store::StoredResource| {
+            c.resource["meta"]["lastUpdated"]
                 .as_str()
-                .map(str::to_string);
-            (c.id, request)
-        }))
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.with_timezone(&Utc))
+        };
+        Ok(sent
+            .into_iter()
+            .filter(|c| {
+                matches!(
+                    c.resource["status"].as_str(),
+                    Some("in-progress" | "completed")
+                )
+            })
+            .filter_map(|c| updated(&c).filter(|t| *t >= since).map(|t| (t, c)))
+            .max_by_key(|(t, _)| *t)
+            .map(|(_, c)| {
+                let request = c.resource["basedOn"][0]["reference"]
+                    .as_str()
+                    .map(str::to_string);
+                (c.id, request)
+            }))
     }
 }
 
