@@ -452,23 +452,27 @@ pub async fn write_back(
     let Some((person_type, person_id)) = person.split_once('/') else {
         return Ok(None);
     };
-    // Phone numbers other people have, looked up before planning.
+    // Who else has a number, asked (one RapidPro call) only for a number
+    // that would change the record.
     let mut owners = std::collections::HashMap::new();
-    for (rule, value) in &mapped {
-        if rule.element == PersonElement::Phone
-            && let Ok(e164) = phones.to_e164(&value.value, None)
-            && !owners.contains_key(&e164)
-        {
-            let owner = phone_owner(store, client, &e164, person, &record.contact_uuid).await?;
-            owners.insert(e164, owner);
-        }
-    }
     for _ in 0..8 {
         let current = match store.read(person_type, person_id).await {
             Ok(current) => current,
             Err(StoreError::NotFound { .. }) | Err(StoreError::Gone { .. }) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
+        let on_record =
+            telecom_value(&current.resource, "phone").and_then(|p| phones.to_e164(&p, None).ok());
+        for (rule, value) in &mapped {
+            if rule.element == PersonElement::Phone
+                && let Ok(e164) = phones.to_e164(&value.value, None)
+                && on_record.as_deref() != Some(e164.as_str())
+                && !owners.contains_key(&e164)
+            {
+                let owner = phone_owner(store, client, &e164, person, &record.contact_uuid).await?;
+                owners.insert(e164, owner);
+            }
+        }
         let (updated, considered) = plan(&current.resource, &mapped, phones, |e164| {
             owners.get(e164).cloned().flatten()
         });
