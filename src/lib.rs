@@ -28,6 +28,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod fhir;
+pub mod index;
 pub mod jobs;
 pub mod outbound;
 pub mod pipeline;
