@@ -50,7 +50,7 @@ impl World {
             let index = index.clone();
             async move {
                 index.upsert(docs).await.unwrap();
-                Ok(())
+                Ok::<(), mhero::store::StoreError>(())
             }
         })
         .await
@@ -142,7 +142,11 @@ async fn the_location_hierarchy_and_cadres_come_from_the_demo_data() {
         })
         .await;
     assert!(nurses_in_buraba.len() < district.len());
-    assert!(nurses_in_buraba.iter().all(|p| nurses.contains(p) && district.contains(p)));
+    assert!(
+        nurses_in_buraba
+            .iter()
+            .all(|p| nurses.contains(p) && district.contains(p))
+    );
     // A job code is a cadre filter too.
     let doctors = world
         .find(ContactQuery {
@@ -167,7 +171,11 @@ async fn the_location_hierarchy_and_cadres_come_from_the_demo_data() {
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     assert_eq!(by_cadre, expected);
-    let by_district = world.index.stats(&at("TF.N"), StatsBy::District).await.unwrap();
+    let by_district = world
+        .index
+        .stats(&at("TF.N"), StatsBy::District)
+        .await
+        .unwrap();
     assert_eq!(by_district.get("Buraba"), Some(&14));
     assert_eq!(by_district.values().sum::<u64>(), 17);
     let by_status = world
@@ -233,10 +241,13 @@ async fn updates_and_deletes_are_seen_and_a_rebuild_equals_the_updates() {
     let world = World::demo().await;
     // Opt-out, a new name, and a person deleted.
     world
-        .edit("P10162", |p| {
-            p["meta"]["tag"] =
-                json!([{ "system": "http://mhero.org/codesystem", "code": "optedout" }])
-        })
+        .edit(
+            "P10162",
+            |p| {
+                p["meta"]["tag"] =
+                    json!([{ "system": "http://mhero.org/codesystem", "code": "optedout" }])
+            },
+        )
         .await;
     world.reindex_one("Practitioner/P10162").await;
     world
@@ -245,7 +256,11 @@ async fn updates_and_deletes_are_seen_and_a_rebuild_equals_the_updates() {
         })
         .await;
     world.reindex_one("Practitioner/P10208").await;
-    world.store.delete("Practitioner", "P10187", None).await.unwrap();
+    world
+        .store
+        .delete("Practitioner", "P10187", None)
+        .await
+        .unwrap();
     world
         .index
         .delete(vec!["Practitioner/P10187".into()])
@@ -260,7 +275,10 @@ async fn updates_and_deletes_are_seen_and_a_rebuild_equals_the_updates() {
         })
         .await;
     assert_eq!(opted_out, vec!["Practitioner/P10162".to_string()]);
-    assert!(world.find(q("Lesedi")).await.is_empty(), "the old name is gone");
+    assert!(
+        world.find(q("Lesedi")).await.is_empty(),
+        "the old name is gone"
+    );
     assert_eq!(
         world.find(q("Mokoena")).await,
         vec!["Practitioner/P10208".to_string()]

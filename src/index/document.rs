@@ -23,12 +23,19 @@ struct Place {
     parent: Option<String>,
 }
 
+/// One active PractitionerRole, as far as documents need it.
+struct CurrentRole {
+    job: Option<JobRef>,
+    location: Option<String>,
+    organization: Option<String>,
+}
+
 /// What the documents need besides the person: read once, shared by all.
 #[derive(Default)]
 pub struct Directory {
     places: HashMap<String, Place>,
-    /// Person reference -> their active roles' (job, location id, organisation id).
-    roles: HashMap<String, Vec<(Option<JobRef>, Option<String>, Option<String>)>>,
+    /// Person reference -> their active roles.
+    roles: HashMap<String, Vec<CurrentRole>>,
     /// Person reference -> Group ids.
     groups: HashMap<String, Vec<String>>,
     /// Job code -> (cadre code, cadre display).
@@ -73,7 +80,10 @@ fn role_is_current(role: &Value) -> bool {
         return false;
     }
     match role["period"]["end"].as_str() {
-        Some(end) => end.get(..10).unwrap_or(end) >= chrono::Utc::now().format("%Y-%m-%d").to_string().as_str(),
+        Some(end) => {
+            end.get(..10).unwrap_or(end)
+                >= chrono::Utc::now().format("%Y-%m-%d").to_string().as_str()
+        }
         None => true,
     }
 }
@@ -88,7 +98,10 @@ impl Directory {
             directory.places.insert(
                 location.id.clone(),
                 Place {
-                    name: resource["name"].as_str().unwrap_or(&location.id).to_string(),
+                    name: resource["name"]
+                        .as_str()
+                        .unwrap_or(&location.id)
+                        .to_string(),
                     level: level_of(resource),
                     parent: reference_id(&resource["partOf"], "Location").map(str::to_string),
                 },
@@ -118,7 +131,11 @@ impl Directory {
                     .into_iter()
                     .flatten()
                     .find(|p| p["code"] == "cadre")
-                    .and_then(|p| p["valueCoding"]["code"].as_str().or(p["valueCode"].as_str()));
+                    .and_then(|p| {
+                        p["valueCoding"]["code"]
+                            .as_str()
+                            .or(p["valueCode"].as_str())
+                    });
                 if url.ends_with("/ihris-job")
                     && let Some(cadre) = cadre
                 {
@@ -140,20 +157,28 @@ impl Directory {
             let Some(person) = resource["practitioner"]["reference"].as_str() else {
                 continue;
             };
-            let job = resource["code"].as_array().and_then(|c| c.first()).and_then(|concept| {
-                let coding = &concept["coding"][0];
-                let code = coding["code"].as_str()?.to_string();
-                let display = coding["display"]
-                    .as_str()
-                    .or(concept["text"].as_str())
-                    .map(str::to_string)
-                    .or_else(|| directory.displays.get(&code).cloned());
-                let (cadre, cadre_display) = match directory.cadres.get(&code) {
-                    Some((cadre, display)) => (Some(cadre.clone()), display.clone()),
-                    None => (None, None),
-                };
-                Some(JobRef { code, display, cadre, cadre_display })
-            });
+            let job = resource["code"]
+                .as_array()
+                .and_then(|c| c.first())
+                .and_then(|concept| {
+                    let coding = &concept["coding"][0];
+                    let code = coding["code"].as_str()?.to_string();
+                    let display = coding["display"]
+                        .as_str()
+                        .or(concept["text"].as_str())
+                        .map(str::to_string)
+                        .or_else(|| directory.displays.get(&code).cloned());
+                    let (cadre, cadre_display) = match directory.cadres.get(&code) {
+                        Some((cadre, display)) => (Some(cadre.clone()), display.clone()),
+                        None => (None, None),
+                    };
+                    Some(JobRef {
+                        code,
+                        display,
+                        cadre,
+                        cadre_display,
+                    })
+                });
             let location = resource["location"]
                 .as_array()
                 .and_then(|l| l.first())
@@ -165,7 +190,11 @@ impl Directory {
                 .roles
                 .entry(person.to_string())
                 .or_default()
-                .push((job, location, organization));
+                .push(CurrentRole {
+                    job,
+                    location,
+                    organization,
+                });
         }
         for group in all("Group").await? {
             for member in group.resource["member"].as_array().into_iter().flatten() {
@@ -200,7 +229,11 @@ impl Directory {
             } else {
                 place.level.clone()
             };
-            chain.push(PlaceRef { id: id.clone(), name: place.name.clone(), level });
+            chain.push(PlaceRef {
+                id: id.clone(),
+                name: place.name.clone(),
+                level,
+            });
             next = place.parent.clone();
         }
         chain
@@ -243,18 +276,23 @@ impl Directory {
         let mut jobs = Vec::new();
         let mut places: Vec<PlaceRef> = Vec::new();
         let mut organizations = Vec::new();
-        for (job, location, organization) in self.roles.get(&reference).into_iter().flatten() {
-            if let Some(job) = job
+        for role in self.roles.get(&reference).into_iter().flatten() {
+            if let Some(job) = &role.job
                 && !jobs.contains(job)
             {
                 jobs.push(job.clone());
             }
-            for place in location.as_deref().map(|l| self.chain(l)).unwrap_or_default() {
+            for place in role
+                .location
+                .as_deref()
+                .map(|l| self.chain(l))
+                .unwrap_or_default()
+            {
                 if !places.iter().any(|p| p.id == place.id) {
                     places.push(place);
                 }
             }
-            if let Some(organization) = organization
+            if let Some(organization) = &role.organization
                 && !organizations.contains(organization)
             {
                 organizations.push(organization.clone());
@@ -283,15 +321,16 @@ impl Directory {
 
 /// Every person in the store as a document, in batches of `batch` handed
 /// to `each` (a full rebuild reads the store once).
-pub async fn all_documents<F, Fut>(
+pub async fn all_documents<F, Fut, E>(
     store: &dyn FhirStore,
     phones: &PhoneNormalizer,
     batch: usize,
     mut each: F,
-) -> Result<usize, StoreError>
+) -> Result<usize, E>
 where
     F: FnMut(Vec<ContactDocument>) -> Fut,
-    Fut: std::future::Future<Output = Result<(), StoreError>>,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: From<StoreError>,
 {
     let directory = Directory::load(store).await?;
     let mut count = 0;

@@ -152,7 +152,10 @@ fn phone_endings(phone: &str) -> Vec<String> {
         .collect()
 }
 
-fn tantivy_document(fields: &Fields, document: &ContactDocument) -> Result<TantivyDocument, IndexError> {
+fn tantivy_document(
+    fields: &Fields,
+    document: &ContactDocument,
+) -> Result<TantivyDocument, IndexError> {
     let mut doc = TantivyDocument::default();
     doc.add_text(fields.reference, &document.reference);
     doc.add_text(
@@ -191,15 +194,15 @@ fn tantivy_document(fields: &Fields, document: &ContactDocument) -> Result<Tanti
     }
     doc.add_text(fields.opted_out, document.opted_out.to_string());
     doc.add_text(fields.has_phone, (!document.phones.is_empty()).to_string());
-    doc.add_text(fields.region, document.place_at("region").unwrap_or(UNKNOWN));
+    doc.add_text(
+        fields.region,
+        document.place_at("region").unwrap_or(UNKNOWN),
+    );
     doc.add_text(
         fields.district,
         document.place_at("district").unwrap_or(UNKNOWN),
     );
-    doc.add_text(
-        fields.gender,
-        document.gender.as_deref().unwrap_or(UNKNOWN),
-    );
+    doc.add_text(fields.gender, document.gender.as_deref().unwrap_or(UNKNOWN));
     doc.add_text(fields.status, document.status());
     Ok(doc)
 }
