@@ -13,11 +13,14 @@
 //!   resources of `fhir-profiles/` (loaded at start-up).
 //! - [`store`]: the `FhirStore` trait; `SqliteStore` (embedded) and
 //!   `HttpFhirStore` (HAPI or any FHIR R4 server).
+//! - [`index`]: the contact index for targeting: the `ContactIndex` trait,
+//!   documents built from the store, `TantivyIndex` (embedded).
 //! - [`api`]: axum routers: `/fhir`, health, metrics, authentication.
 //! - [`startup`]: building and running the application; graceful shutdown.
-//! - [`cli`]: the `import`, `check` and `demo` commands.
-//! - [`rapidpro`]: the RapidPro API v2 client and the RapidPro sandbox (in progress).
-//! - [`pipeline`]: phone normalisation and the person -> contact mapping (in progress).
+//! - [`cli`]: the `import`, `check`, `demo`, `sync` and `reindex` commands.
+//! - [`rapidpro`]: the RapidPro API v2 client and the RapidPro sandbox.
+//! - [`pipeline`]: phone normalisation, the person -> contact mapping,
+//!   requests, recipients, the outbox, flow results and the write-back.
 //! - [`jobs`]: background work: the contact, group and flow syncs, the
 //!   messaging dispatcher, and the `serve` job runner.
 //!
@@ -28,6 +31,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod fhir;
+pub mod index;
 pub mod jobs;
 pub mod outbound;
 pub mod pipeline;

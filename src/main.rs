@@ -92,11 +92,6 @@ fn load_settings(path: Option<&std::path::Path>) -> Result<Settings, ExitCode> {
     })
 }
 
-fn not_yet(command: &str) -> ExitCode {
-    eprintln!("`mhero {command}` is not yet available in this version; see README.md for what is.");
-    ExitCode::from(1)
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -162,7 +157,7 @@ async fn main() -> ExitCode {
             what: SyncTarget::Runs,
             ..
         } => sync_runs(&settings).await,
-        Command::Reindex => not_yet("reindex"),
+        Command::Reindex => reindex(&settings).await,
         Command::Import { files } => import(settings, files).await,
         Command::Check => check(settings).await,
     }
@@ -459,6 +454,26 @@ async fn sync_runs(settings: &Settings) -> ExitCode {
             .await
             .map(|r| (r.to_string(), r.failures.is_empty())),
     )
+}
+
+async fn reindex(settings: &Settings) -> ExitCode {
+    match mhero::cli::reindex::reindex(settings).await {
+        Ok(count) => {
+            println!(
+                "contact index rebuilt: {count} people in {}",
+                settings.index.embedded.path.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(mhero::cli::reindex::ReindexError::Config(e)) => {
+            eprintln!("cannot reindex: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("reindex failed: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 async fn check(settings: Settings) -> ExitCode {

@@ -104,7 +104,7 @@ fn import_prints_a_summary_and_fails_on_failures() {
 }
 
 #[test]
-fn usage_errors_exit_2_and_future_commands_say_so() {
+fn usage_errors_exit_2() {
     let dir = tempfile::tempdir().unwrap();
     assert_eq!(
         mhero(&dir).arg("import").output().unwrap().status.code(),
@@ -120,9 +120,39 @@ fn usage_errors_exit_2_and_future_commands_say_so() {
             .code(),
         Some(2)
     );
+}
+
+#[test]
+fn reindex_rebuilds_the_contact_index_from_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = common::fixture_path("ihris/ihris-demo-practitioners-open.bundle.json");
+    let import = mhero(&dir).arg("import").arg(&bundle).output().unwrap();
+    assert!(
+        import.status.success(),
+        "{}",
+        String::from_utf8_lossy(&import.stderr)
+    );
     let reindex = mhero(&dir).arg("reindex").output().unwrap();
-    assert_eq!(reindex.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&reindex.stderr).contains("not yet available"));
+    let stdout = String::from_utf8_lossy(&reindex.stdout);
+    assert!(
+        reindex.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&reindex.stderr)
+    );
+    let people: usize = stdout
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert_eq!(people, 65, "{stdout}");
+    // Again: the same count (a rebuild, not an addition).
+    let again = mhero(&dir).arg("reindex").output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&again.stdout), stdout);
+    let elastic = mhero(&dir)
+        .arg("reindex")
+        .env("MHERO__INDEX__BACKEND", "elasticsearch")
+        .output()
+        .unwrap();
+    assert_eq!(elastic.status.code(), Some(2));
 }
 
 /// The URL and JSON body of a banner `curl -X PUT ... 'URL' -d 'BODY'` line.

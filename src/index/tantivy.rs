@@ -1,0 +1,421 @@
+//! `TantivyIndex`: the embedded contact index (the default), on disk under
+//! `index.embedded.path`, with the `tantivy` crate.
+//!
+//! One tantivy document per person: the whole `ContactDocument` stored as
+//! JSON, and the fields it is searched and counted by. Names go through a
+//! tokenizer that splits on non-alphanumerics, lowercases and folds
+//! accents (`Zoé` = `zoe`); phone numbers are indexed by every ending of 4
+//! digits or more, so `q=1001`, `q=0770001001` (the trunk 0 dropped) and
+//! `q=+231770001001` all find `+231770001001`. Keyword fields used for statistics are fast fields
+//! (columnar), counted with tantivy's terms aggregation. All tantivy work
+//! runs on blocking threads; one writer, behind a mutex.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use tantivy::aggregation::agg_req::Aggregations;
+use tantivy::aggregation::{AggContextParams, AggregationCollector, AggregationLimitsGuard};
+use tantivy::collector::{Count, TopDocs};
+use tantivy::directory::MmapDirectory;
+use tantivy::query::{AllQuery, BooleanQuery, FuzzyTermQuery, Occur, Query, TermQuery};
+use tantivy::schema::{
+    Field, IndexRecordOption, STORED, STRING, Schema, TextFieldIndexing, TextOptions, Value as _,
+};
+use tantivy::tokenizer::{AsciiFoldingFilter, LowerCaser, SimpleTokenizer, TextAnalyzer};
+use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
+
+use super::{ContactDocument, ContactIndex, ContactPage, ContactQuery, IndexError, StatsBy};
+
+const NAME_TOKENIZER: &str = "mhero_folded";
+const WRITER_MEMORY: usize = 64 * 1024 * 1024;
+/// A person without a value for a statistic counts under this key.
+const UNKNOWN: &str = "unknown";
+
+#[derive(Clone, Copy)]
+struct Fields {
+    reference: Field,
+    document: Field,
+    resource_type: Field,
+    name: Field,
+    phone: Field,
+    cadre: Field,
+    job: Field,
+    location: Field,
+    group: Field,
+    opted_out: Field,
+    has_phone: Field,
+    region: Field,
+    district: Field,
+    gender: Field,
+    status: Field,
+}
+
+fn schema() -> (Schema, Fields) {
+    let mut builder = Schema::builder();
+    let names = TextOptions::default().set_indexing_options(
+        TextFieldIndexing::default()
+            .set_tokenizer(NAME_TOKENIZER)
+            .set_index_option(IndexRecordOption::WithFreqsAndPositions),
+    );
+    let counted = STRING | tantivy::schema::FAST;
+    let fields = Fields {
+        reference: builder.add_text_field("reference", STRING | STORED),
+        document: builder.add_text_field("document", STORED),
+        resource_type: builder.add_text_field("type", STRING),
+        name: builder.add_text_field("name", names),
+        phone: builder.add_text_field("phone", STRING),
+        cadre: builder.add_text_field("cadre", counted.clone()),
+        job: builder.add_text_field("job", STRING),
+        location: builder.add_text_field("location", STRING),
+        group: builder.add_text_field("group", STRING),
+        opted_out: builder.add_text_field("opted_out", STRING),
+        has_phone: builder.add_text_field("has_phone", STRING),
+        region: builder.add_text_field("region", counted.clone()),
+        district: builder.add_text_field("district", counted.clone()),
+        gender: builder.add_text_field("gender", counted.clone()),
+        status: builder.add_text_field("status", counted),
+    };
+    (builder.build(), fields)
+}
+
+fn backend(error: impl std::fmt::Display) -> IndexError {
+    IndexError::Backend(error.to_string())
+}
+
+struct Inner {
+    index: Index,
+    reader: IndexReader,
+    writer: Mutex<IndexWriter>,
+    fields: Fields,
+}
+
+/// The embedded contact index.
+#[derive(Clone)]
+pub struct TantivyIndex {
+    inner: Arc<Inner>,
+}
+
+impl TantivyIndex {
+    /// Opens (or creates) the index in `path`, creating the directory.
+    pub fn open(path: &Path) -> Result<TantivyIndex, IndexError> {
+        std::fs::create_dir_all(path)
+            .map_err(|e| backend(format!("cannot create {}: {e}", path.display())))?;
+        let (schema, fields) = schema();
+        let directory = MmapDirectory::open(path).map_err(backend)?;
+        let index = Index::open_or_create(directory, schema).map_err(|e| {
+            backend(format!(
+                "{} is not a contact index of this version ({e}); delete it and run `mhero reindex`",
+                path.display()
+            ))
+        })?;
+        index.tokenizers().register(
+            NAME_TOKENIZER,
+            TextAnalyzer::builder(SimpleTokenizer::default())
+                .filter(LowerCaser)
+                .filter(AsciiFoldingFilter)
+                .build(),
+        );
+        let writer = index.writer(WRITER_MEMORY).map_err(backend)?;
+        let reader = index
+            .reader_builder()
+            .reload_policy(ReloadPolicy::Manual)
+            .try_into()
+            .map_err(backend)?;
+        Ok(TantivyIndex {
+            inner: Arc::new(Inner {
+                index,
+                reader,
+                writer: Mutex::new(writer),
+                fields,
+            }),
+        })
+    }
+
+    async fn blocking<T, F>(&self, work: F) -> Result<T, IndexError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> Result<T, IndexError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || work(&inner))
+            .await
+            .map_err(|e| backend(format!("index task failed: {e}")))?
+    }
+}
+
+/// Every ending of 4 digits or more of the number's digits.
+fn phone_endings(phone: &str) -> Vec<String> {
+    let digits: String = phone.chars().filter(char::is_ascii_digit).collect();
+    (0..digits.len().saturating_sub(3))
+        .map(|start| digits[start..].to_string())
+        .collect()
+}
+
+fn tantivy_document(
+    fields: &Fields,
+    document: &ContactDocument,
+) -> Result<TantivyDocument, IndexError> {
+    let mut doc = TantivyDocument::default();
+    doc.add_text(fields.reference, &document.reference);
+    doc.add_text(
+        fields.document,
+        serde_json::to_string(document).map_err(backend)?,
+    );
+    doc.add_text(fields.resource_type, &document.resource_type);
+    for name in &document.names {
+        doc.add_text(fields.name, name);
+    }
+    for phone in &document.phones {
+        for ending in phone_endings(phone) {
+            doc.add_text(fields.phone, ending);
+        }
+    }
+    let mut cadres: Vec<&str> = document
+        .jobs
+        .iter()
+        .filter_map(|j| j.cadre.as_deref())
+        .collect();
+    cadres.dedup();
+    if cadres.is_empty() {
+        cadres.push(UNKNOWN);
+    }
+    for cadre in cadres {
+        doc.add_text(fields.cadre, cadre);
+    }
+    for job in &document.jobs {
+        doc.add_text(fields.job, &job.code);
+    }
+    for place in &document.places {
+        doc.add_text(fields.location, &place.id);
+    }
+    for group in &document.groups {
+        doc.add_text(fields.group, group);
+    }
+    doc.add_text(fields.opted_out, document.opted_out.to_string());
+    doc.add_text(fields.has_phone, (!document.phones.is_empty()).to_string());
+    doc.add_text(
+        fields.region,
+        document.place_at("region").unwrap_or(UNKNOWN),
+    );
+    doc.add_text(
+        fields.district,
+        document.place_at("district").unwrap_or(UNKNOWN),
+    );
+    doc.add_text(fields.gender, document.gender.as_deref().unwrap_or(UNKNOWN));
+    doc.add_text(fields.status, document.status());
+    Ok(doc)
+}
+
+fn term_query(field: Field, value: &str) -> Box<dyn Query> {
+    Box::new(TermQuery::new(
+        Term::from_field_text(field, value),
+        IndexRecordOption::Basic,
+    ))
+}
+
+/// The tantivy query of `query`'s filters.
+fn to_query(inner: &Inner, query: &ContactQuery) -> Box<dyn Query> {
+    let f = &inner.fields;
+    let mut clauses: Vec<(Occur, Box<dyn Query>)> = Vec::new();
+    if let Some(q) = query.q.as_deref().map(str::trim).filter(|q| !q.is_empty()) {
+        let digits: String = q.chars().filter(char::is_ascii_digit).collect();
+        let only_number = q
+            .chars()
+            .all(|c| c.is_ascii_digit() || " +-().".contains(c));
+        // A national number's trunk prefix (`0770…`) is not in E.164.
+        let digits = digits.trim_start_matches('0');
+        if only_number && digits.len() >= 4 {
+            clauses.push((Occur::Must, term_query(f.phone, digits)));
+        } else {
+            // Each word of `q`, folded like the names, within an edit
+            // distance that grows with its length.
+            let mut analyzer = inner
+                .index
+                .tokenizers()
+                .get(NAME_TOKENIZER)
+                .expect("registered at open");
+            let mut stream = analyzer.token_stream(q);
+            while stream.advance() {
+                let word = stream.token().text.clone();
+                let distance = match word.chars().count() {
+                    0..=3 => 0,
+                    4..=6 => 1,
+                    _ => 2,
+                };
+                let term = Term::from_field_text(f.name, &word);
+                clauses.push((
+                    Occur::Must,
+                    Box::new(FuzzyTermQuery::new(term, distance, true)),
+                ));
+            }
+        }
+    }
+    if let Some(t) = &query.resource_type {
+        clauses.push((Occur::Must, term_query(f.resource_type, t)));
+    }
+    if let Some(cadre) = &query.cadre {
+        let either = BooleanQuery::new(vec![
+            (Occur::Should, term_query(f.cadre, cadre)),
+            (Occur::Should, term_query(f.job, cadre)),
+        ]);
+        clauses.push((Occur::Must, Box::new(either)));
+    }
+    for (field, value) in [
+        (f.job, &query.job),
+        (f.location, &query.location),
+        (f.group, &query.group),
+    ] {
+        if let Some(value) = value {
+            clauses.push((Occur::Must, term_query(field, value)));
+        }
+    }
+    if let Some(opted_out) = query.opted_out {
+        clauses.push((Occur::Must, term_query(f.opted_out, &opted_out.to_string())));
+    }
+    if let Some(has_phone) = query.has_phone {
+        clauses.push((Occur::Must, term_query(f.has_phone, &has_phone.to_string())));
+    }
+    if clauses.is_empty() {
+        Box::new(AllQuery)
+    } else {
+        Box::new(BooleanQuery::new(clauses))
+    }
+}
+
+#[async_trait::async_trait]
+impl ContactIndex for TantivyIndex {
+    async fn upsert(&self, documents: Vec<ContactDocument>) -> Result<(), IndexError> {
+        self.blocking(move |inner| {
+            let writer = inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+            for document in &documents {
+                writer.delete_term(Term::from_field_text(
+                    inner.fields.reference,
+                    &document.reference,
+                ));
+                writer
+                    .add_document(tantivy_document(&inner.fields, document)?)
+                    .map_err(backend)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete(&self, references: Vec<String>) -> Result<(), IndexError> {
+        self.blocking(move |inner| {
+            let writer = inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+            for reference in &references {
+                writer.delete_term(Term::from_field_text(inner.fields.reference, reference));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn clear(&self) -> Result<(), IndexError> {
+        self.blocking(|inner| {
+            let writer = inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+            writer.delete_all_documents().map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn commit(&self) -> Result<(), IndexError> {
+        self.blocking(|inner| {
+            let mut writer = inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+            writer.commit().map_err(backend)?;
+            inner.reader.reload().map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn search(&self, query: &ContactQuery) -> Result<ContactPage, IndexError> {
+        let query = query.clone();
+        self.blocking(move |inner| {
+            let searcher = inner.reader.searcher();
+            let size = query.page_size.clamp(1, 1000);
+            let top = TopDocs::with_limit(size)
+                .and_offset(query.page * size)
+                .order_by_score();
+            let (hits, total) = searcher
+                .search(&to_query(inner, &query), &(top, Count))
+                .map_err(backend)?;
+            let mut contacts = Vec::with_capacity(hits.len());
+            for (_, address) in hits {
+                let doc: TantivyDocument = searcher.doc(address).map_err(backend)?;
+                let json = doc
+                    .get_first(inner.fields.document)
+                    .and_then(|v| v.as_str())
+                    .ok_or_else(|| backend("a document without its body"))?;
+                contacts.push(serde_json::from_str(json).map_err(backend)?);
+            }
+            Ok(ContactPage { total, contacts })
+        })
+        .await
+    }
+
+    async fn stats(
+        &self,
+        query: &ContactQuery,
+        by: StatsBy,
+    ) -> Result<BTreeMap<String, u64>, IndexError> {
+        let query = query.clone();
+        self.blocking(move |inner| {
+            let field = match by {
+                StatsBy::Cadre => "cadre",
+                StatsBy::Region => "region",
+                StatsBy::District => "district",
+                StatsBy::Gender => "gender",
+                StatsBy::Status => "status",
+            };
+            let request: Aggregations = serde_json::from_value(serde_json::json!({
+                "by": { "terms": { "field": field, "size": 65000 } }
+            }))
+            .map_err(backend)?;
+            let collector = AggregationCollector::from_aggs(
+                request,
+                AggContextParams::new(
+                    AggregationLimitsGuard::default(),
+                    inner.index.tokenizers().clone(),
+                ),
+            );
+            let searcher = inner.reader.searcher();
+            let result = searcher
+                .search(&to_query(inner, &query), &collector)
+                .map_err(backend)?;
+            let json = serde_json::to_value(result).map_err(backend)?;
+            let mut counts = BTreeMap::new();
+            for bucket in json["by"]["buckets"].as_array().into_iter().flatten() {
+                if let (Some(key), Some(count)) =
+                    (bucket["key"].as_str(), bucket["doc_count"].as_u64())
+                {
+                    counts.insert(key.to_string(), count);
+                }
+            }
+            Ok(counts)
+        })
+        .await
+    }
+
+    async fn count(&self) -> Result<u64, IndexError> {
+        self.blocking(|inner| Ok(inner.reader.searcher().num_docs()))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phone_endings_start_at_four_digits() {
+        assert_eq!(
+            phone_endings("+2317701"),
+            vec!["2317701", "317701", "17701", "7701"]
+        );
+        assert!(phone_endings("+123").is_empty());
+    }
+}
