@@ -18,7 +18,7 @@
 
 #[path = "support/machine.rs"]
 mod machine;
-use machine::{cpu_model, load_average, peak_rss_kib};
+use machine::{cpu_model, env_usize, load_average, peak_rss_kib};
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -29,13 +29,6 @@ use mhero::index::{ContactDocument, ContactIndex, ContactQuery, JobRef, PlaceRef
 use serde_json::Value;
 
 const FACILITIES_PER_DISTRICT: usize = 50;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// id -> (name, level, parent)
 fn places() -> HashMap<String, (String, String, Option<String>)> {

@@ -47,7 +47,7 @@
 
 #[path = "support/machine.rs"]
 mod machine;
-use machine::{cpu_model, load_average, peak_rss_kib};
+use machine::{cpu_model, env_usize, load_average, peak_rss_kib};
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -77,16 +77,6 @@ const BUNDLE_ENTRIES: usize = 1_000;
 const SANDBOX_THREAD: &str = "rp-sandbox";
 /// `USER_HZ`: the unit of utime/stime in `/proc/*/stat` (100 on Linux).
 const CLOCK_TICKS_PER_S: f64 = 100.0;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name} must be a non-negative integer, not '{v}'")),
-        Err(_) => default,
-    }
-}
 
 /// utime + stime (seconds) from a `/proc/.../stat` line.
 fn stat_cpu_s(stat: &str) -> Option<f64> {

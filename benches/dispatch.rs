@@ -28,7 +28,7 @@
 
 #[path = "support/machine.rs"]
 mod machine;
-use machine::{cpu_model, load_average, peak_rss_kib, process_cpu_s};
+use machine::{cpu_model, env_usize, load_average, peak_rss_kib, process_cpu_s};
 #[path = "support/sandbox.rs"]
 mod sandbox;
 use sandbox::{calls_by_endpoint, load, start_sandbox, versions_since};
@@ -45,13 +45,6 @@ use mhero::rapidpro::throttle::Throttle;
 use mhero::store::sqlite::SqliteStore;
 use mhero::store::{SearchRequest, SharedStore};
 use serde_json::{Value, json};
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Parent side: load the store, start the sandbox, run the dispatch in a
 /// fresh child process (so its RSS is the connector's alone, not the

@@ -30,7 +30,7 @@
 
 #[path = "support/machine.rs"]
 mod machine;
-use machine::{cpu_model, load_average, peak_rss_kib, process_cpu_s};
+use machine::{cpu_model, env_usize, load_average, peak_rss_kib, process_cpu_s};
 #[path = "support/sandbox.rs"]
 mod sandbox;
 use sandbox::{calls_by_endpoint, load, start_sandbox, versions_since};
@@ -49,13 +49,6 @@ use mhero::rapidpro::throttle::Throttle;
 use mhero::store::sqlite::SqliteStore;
 use mhero::store::{SearchRequest, SharedStore};
 use serde_json::{Value, json};
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 async fn count(store: &SharedStore, resource_type: &str, params: &[(&str, &str)]) -> u64 {
     let mut params: Vec<(String, String)> = params

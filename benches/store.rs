@@ -32,7 +32,7 @@
 
 #[path = "support/machine.rs"]
 mod machine;
-use machine::{cpu_model, load_average, peak_rss_kib};
+use machine::{cpu_model, env_usize, load_average, peak_rss_kib};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -49,16 +49,6 @@ const TARGET_SEARCH_P99_MS: f64 = 20.0;
 const FACILITIES_PER_DISTRICT: usize = 5;
 const BUNDLE_ENTRIES: usize = 1_000;
 const EMPLOYEE_SYSTEM: &str = "http://ihris.org/fhir/id/employee";
-
-fn env_usize(name: &str, default: usize) -> usize {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name} must be a non-negative integer, not '{v}'")),
-        Err(_) => default,
-    }
-}
 
 fn env_flag(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0")

@@ -17,7 +17,7 @@
 
 #[path = "support/machine.rs"]
 mod machine;
-use machine::{cpu_model, load_average, peak_rss_kib};
+use machine::{cpu_model, env_usize, load_average, peak_rss_kib};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,13 +28,6 @@ use mhero::startup::Application;
 use serde_json::Value;
 
 const TOKEN: &str = "bench-token";
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default)
-}
 
 fn payload_template() -> Value {
     let beside = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -49,3 +49,16 @@ pub fn process_cpu_s() -> f64 {
     };
     (ticks(11) + ticks(12)) / 100.0
 }
+
+/// A count from the environment (`default` when unset); a value that is
+/// not a count stops the benchmark naming it.
+#[allow(dead_code)] // not every benchmark has knobs
+pub fn env_usize(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name} must be a non-negative integer, not '{v}'")),
+        Err(_) => default,
+    }
+}

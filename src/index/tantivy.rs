@@ -176,6 +176,7 @@ fn tantivy_document(
         .iter()
         .filter_map(|j| j.cadre.as_deref())
         .collect();
+    cadres.sort_unstable();
     cadres.dedup();
     if cadres.is_empty() {
         cadres.push(UNKNOWN);
@@ -409,6 +410,45 @@ impl ContactIndex for TantivyIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cadre_held_through_two_roles_is_counted_once() {
+        let (_, fields) = schema();
+        let job = |code: &str, cadre: &str| crate::index::JobRef {
+            code: code.into(),
+            display: None,
+            cadre: Some(cadre.into()),
+            cadre_display: None,
+        };
+        let document = ContactDocument {
+            reference: "Practitioner/p".into(),
+            resource_type: "Practitioner".into(),
+            id: "p".into(),
+            name: None,
+            names: vec![],
+            phones: vec![],
+            urn_schemes: vec![],
+            language: None,
+            gender: None,
+            active: true,
+            opted_out: false,
+            rapidpro_contact: None,
+            jobs: vec![
+                job("2230-1B", "nurse"),
+                job("2221-1D", "doctor"),
+                job("2230-2B", "nurse"),
+            ],
+            places: vec![],
+            organizations: vec![],
+            groups: vec![],
+        };
+        let doc = tantivy_document(&fields, &document).unwrap();
+        let cadres: Vec<&str> = doc
+            .get_all(fields.cadre)
+            .filter_map(|v| v.as_str())
+            .collect();
+        assert_eq!(cadres, vec!["doctor", "nurse"]);
+    }
 
     #[test]
     fn phone_endings_start_at_four_digits() {
