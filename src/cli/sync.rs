@@ -130,31 +130,6 @@ pub async fn sync_messages(
     Ok((delivery?, inbound?))
 }
 
-impl std::fmt::Display for InboundReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(
-            f,
-            "inbound: {} messages read, {} recorded, {} from contacts no person has, {} opted out, {} opted back in",
-            self.read, self.recorded, self.unknown_sender, self.opted_out, self.opted_in
-        )
-    }
-}
-
-impl std::fmt::Display for DeliveryReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(
-            f,
-            "delivery: {} broadcasts and {} flow starts read: {} recipients delivered or sent, {} failed, {} still waiting; {} requests completed",
-            self.broadcasts,
-            self.flow_starts,
-            self.delivered,
-            self.failed,
-            self.waiting,
-            self.completed_requests
-        )
-    }
-}
-
 /// The run poll: flow runs changed since its cursor -> QuestionnaireResponses
 /// (docs/flow-results.md), with a spinner counting runs.
 pub async fn sync_runs(

@@ -64,6 +64,21 @@ pub struct DeliveryReport {
     pub completed_requests: usize,
 }
 
+impl std::fmt::Display for DeliveryReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "delivery: {} broadcasts and {} flow starts read: {} recipients delivered or sent, {} failed, {} still waiting; {} requests completed",
+            self.broadcasts,
+            self.flow_starts,
+            self.delivered,
+            self.failed,
+            self.waiting,
+            self.completed_requests
+        )
+    }
+}
+
 /// Brings RapidPro's delivery status into the outbox.
 pub struct DeliveryPoll {
     pub store: SharedStore,
@@ -485,12 +500,7 @@ impl super::runner::Job for DeliveryPollJob {
         self.0
             .run_once()
             .await
-            .map(|r| {
-                format!(
-                    "{} broadcasts, {} flow starts, {} delivered, {} failed, {} waiting, {} requests completed",
-                    r.broadcasts, r.flow_starts, r.delivered, r.failed, r.waiting, r.completed_requests
-                )
-            })
+            .map(|r| r.to_string().trim().to_string())
             .map_err(|e| crate::telemetry::redact_phones(&e.to_string()))
     }
 }

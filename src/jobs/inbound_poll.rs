@@ -57,6 +57,16 @@ pub struct InboundReport {
     pub opted_in: usize,
 }
 
+impl std::fmt::Display for InboundReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "inbound: {} messages read, {} recorded, {} from contacts no person has, {} opted out, {} opted back in",
+            self.read, self.recorded, self.unknown_sender, self.opted_out, self.opted_in
+        )
+    }
+}
+
 pub struct InboundPoll {
     pub store: SharedStore,
     pub client: RapidProClient,
@@ -324,12 +334,7 @@ impl super::runner::Job for InboundPollJob {
         self.0
             .run_once()
             .await
-            .map(|r| {
-                format!(
-                    "{} inbound read, {} recorded, {} from unknown contacts, {} opted out, {} opted in",
-                    r.read, r.recorded, r.unknown_sender, r.opted_out, r.opted_in
-                )
-            })
+            .map(|r| r.to_string().trim().to_string())
             .map_err(|e| crate::telemetry::redact_phones(&e.to_string()))
     }
 }
