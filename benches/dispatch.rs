@@ -31,17 +31,17 @@ mod machine;
 use machine::{cpu_model, env_usize, load_average, peak_rss_kib, process_cpu_s};
 #[path = "support/sandbox.rs"]
 mod sandbox;
-use sandbox::{calls_by_endpoint, load, start_sandbox, versions_since};
+use sandbox::{
+    calls_by_endpoint, client_for, country_request, load, start_sandbox, versions_since,
+};
 
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
-use mhero::config::{Secret, Settings};
+use mhero::config::Settings;
 use mhero::jobs::dispatch::Dispatcher;
 use mhero::pipeline::phone::PhoneNormalizer;
-use mhero::rapidpro::client::{ClientOptions, RapidProClient};
-use mhero::rapidpro::throttle::Throttle;
 use mhero::store::sqlite::SqliteStore;
 use mhero::store::{SearchRequest, SharedStore};
 use serde_json::{Value, json};
@@ -130,14 +130,7 @@ async fn run(people: usize, latency_ms: u64, concurrency: usize) -> Value {
 /// the request and runs one dispatcher pass; prints its figures as JSON.
 async fn dispatch_in_child(db: &str, base: &str, concurrency: usize) {
     let store: SharedStore = Arc::new(SqliteStore::open(std::path::Path::new(db)).await.unwrap());
-    mhero::install_tls_provider();
-    let client = RapidProClient::new(
-        &base.parse().unwrap(),
-        &Secret::new("sandbox-token"),
-        ClientOptions::default(),
-        Throttle::uniform(u32::MAX),
-    )
-    .unwrap();
+    let client = client_for(base);
     let mut settings = Settings::load_from(None, Some(Default::default()))
         .unwrap()
         .messaging;
@@ -155,9 +148,10 @@ async fn dispatch_in_child(db: &str, base: &str, concurrency: usize) {
         .update(
             "CommunicationRequest",
             "bench",
-            json!({ "resourceType": "CommunicationRequest", "id": "bench", "status": "active",
-                "recipient": [{ "reference": "Location/LR" }],
-                "payload": [{ "contentString": "National alert: report suspected cases to the district team today." }] }),
+            country_request(
+                "bench",
+                "National alert: report suspected cases to the district team today.",
+            ),
             None,
         )
         .await

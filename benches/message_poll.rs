@@ -33,19 +33,19 @@ mod machine;
 use machine::{cpu_model, env_usize, load_average, peak_rss_kib, process_cpu_s};
 #[path = "support/sandbox.rs"]
 mod sandbox;
-use sandbox::{calls_by_endpoint, load, start_sandbox, versions_since};
+use sandbox::{
+    calls_by_endpoint, client_for, country_request, load, start_sandbox, versions_since,
+};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mhero::config::{Secret, Settings};
+use mhero::config::Settings;
 use mhero::jobs::delivery_poll::DeliveryPoll;
 use mhero::jobs::dispatch::Dispatcher;
 use mhero::jobs::inbound_poll::InboundPoll;
 use mhero::pipeline::phone::PhoneNormalizer;
-use mhero::rapidpro::client::{ClientOptions, RapidProClient};
-use mhero::rapidpro::throttle::Throttle;
 use mhero::store::sqlite::SqliteStore;
 use mhero::store::{SearchRequest, SharedStore};
 use serde_json::{Value, json};
@@ -124,22 +124,17 @@ async fn run(n: usize, latency_ms: u64) -> Vec<Value> {
     load(&sqlite, n).await;
     let store: SharedStore = Arc::new(sqlite);
     let (mut child, base) = start_sandbox(latency_ms);
-    let client = RapidProClient::new(
-        &base.parse().unwrap(),
-        &Secret::new("sandbox-token"),
-        ClientOptions::default(),
-        Throttle::uniform(u32::MAX),
-    )
-    .unwrap();
+    let client = client_for(&base);
     let mut settings = Settings::load_from(None, Some(Default::default())).unwrap();
     settings.messaging.organization_reference = "Organization/moh".into();
     store
         .update(
             "CommunicationRequest",
             "bench",
-            json!({ "resourceType": "CommunicationRequest", "id": "bench", "status": "active",
-                "recipient": [{ "reference": "Location/LR" }],
-                "payload": [{ "contentString": "Please confirm you received the new malaria guidelines." }] }),
+            country_request(
+                "bench",
+                "Please confirm you received the new malaria guidelines.",
+            ),
             None,
         )
         .await

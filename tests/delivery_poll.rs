@@ -408,40 +408,34 @@ async fn a_sender_without_the_uuid_identifier_is_found_by_emnutt_fields_and_a_re
             .await
             .unwrap();
     }
-    let fields = [("globalid", "p1"), ("mheroentitytype", "Practitioner")]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), Some(v.to_string())))
-        .collect();
-    client
-        .update_contact(
-            &ContactLookup::Uuid(contact),
-            &ContactWrite {
-                fields: Some(fields),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    // emNutt's fields on a contact: the person it stands for.
+    let name_person = |contact: String, id: &'static str| {
+        let client = client.clone();
+        async move {
+            let fields = [("globalid", id), ("mheroentitytype", "Practitioner")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), Some(v.to_string())))
+                .collect();
+            client
+                .update_contact(
+                    &ContactLookup::Uuid(contact),
+                    &ContactWrite {
+                        fields: Some(fields),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+        }
+    };
+    name_person(contact, "p1").await;
     // Another contact names a person the store does not have.
     let stranger = world
         .sandbox
         .sandbox()
         .receive_message("tel:+231770009999", "hello")
         .unwrap();
-    let fields = [("globalid", "nobody"), ("mheroentitytype", "Practitioner")]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), Some(v.to_string())))
-        .collect();
-    client
-        .update_contact(
-            &ContactLookup::Uuid(stranger),
-            &ContactWrite {
-                fields: Some(fields),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    name_person(stranger, "nobody").await;
 
     let inbound = world.inbound().await;
     let report = inbound.run_once().await.unwrap();

@@ -5,10 +5,13 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
+use mhero::config::Secret;
 use mhero::fhir::sample;
+use mhero::rapidpro::client::{ClientOptions, RapidProClient};
+use mhero::rapidpro::throttle::Throttle;
 use mhero::store::sqlite::SqliteStore;
 use mhero::store::{FhirStore, HistoryRequest};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// Facilities per district of the sample country.
 pub const FACILITIES_PER_DISTRICT: usize = 4;
@@ -99,4 +102,23 @@ pub async fn calls_by_endpoint(base: &str) -> BTreeMap<String, usize> {
         *counts.entry(key).or_insert(0) += 1;
     }
     counts
+}
+
+/// A client of the sandbox at `base`, with the throttle out of the way.
+pub fn client_for(base: &str) -> RapidProClient {
+    mhero::install_tls_provider();
+    RapidProClient::new(
+        &base.parse().unwrap(),
+        &Secret::new("sandbox-token"),
+        ClientOptions::default(),
+        Throttle::uniform(u32::MAX),
+    )
+    .unwrap()
+}
+
+/// An active request `id` to everyone in the sample country.
+pub fn country_request(id: &str, text: &str) -> Value {
+    json!({ "resourceType": "CommunicationRequest", "id": id, "status": "active",
+        "recipient": [{ "reference": "Location/LR" }],
+        "payload": [{ "contentString": text }] })
 }
