@@ -497,10 +497,6 @@ impl super::runner::Job for DeliveryPollJob {
     }
 
     async fn run_once(&self) -> Result<String, String> {
-        self.0
-            .run_once()
-            .await
-            .map(|r| r.to_string().trim().to_string())
-            .map_err(|e| crate::telemetry::redact_phones(&e.to_string()))
+        super::runner::pass_outcome(self.0.run_once().await)
     }
 }

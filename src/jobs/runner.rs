@@ -17,6 +17,16 @@ pub trait Job: Send + Sync + 'static {
     async fn run_once(&self) -> Result<String, String>;
 }
 
+/// A pass's outcome as `Job::run_once` gives it: the report's summary, or
+/// the error with phone numbers masked.
+pub fn pass_outcome<R: std::fmt::Display, E: std::fmt::Display>(
+    result: Result<R, E>,
+) -> Result<String, String> {
+    result
+        .map(|report| report.to_string().trim().to_string())
+        .map_err(|e| crate::telemetry::redact_phones(&e.to_string()))
+}
+
 /// Wakes a job before its interval is over.
 #[derive(Clone, Default)]
 pub struct Nudge {
