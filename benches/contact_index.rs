@@ -96,6 +96,10 @@ fn document(
         places: chain,
         organizations: vec![],
         groups: vec![],
+        last_message: None,
+        // A third have replied, on one of the last 90 days.
+        last_reply: (n % 3 == 0)
+            .then(|| chrono::Utc::now() - chrono::Duration::days((n % 90) as i64)),
     }
 }
 
@@ -134,7 +138,7 @@ async fn run(people: usize) {
         }
     }
     index.upsert(batch).await.unwrap();
-    index.commit().await.unwrap();
+    index.commit(None).await.unwrap();
     let build = started.elapsed();
     assert_eq!(index.count().await.unwrap(), people as u64);
     println!(

@@ -114,6 +114,10 @@ fn main() {
                 "MHERO__FHIR__EMBEDDED__PATH".to_string(),
                 dir.path().join("fhir.sqlite").display().to_string(),
             ),
+            (
+                "MHERO__INDEX__EMBEDDED__PATH".to_string(),
+                dir.path().join("index").display().to_string(),
+            ),
             ("MHERO__AUTH__WEBHOOK_TOKEN".to_string(), TOKEN.to_string()),
         ]);
         let settings = Settings::load_from(None, Some(env)).expect("settings");

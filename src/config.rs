@@ -173,6 +173,12 @@ pub enum IndexBackendKind {
 #[serde(deny_unknown_fields)]
 pub struct IndexSettings {
     pub backend: IndexBackendKind,
+    /// Seconds between passes of the index follower in `serve` (a write
+    /// through the API starts one at once).
+    pub follow_interval_secs: u64,
+    /// Seconds of store history before the index checkpoint read again by
+    /// each pass (writes committed late by a concurrent writer).
+    pub follow_overlap_secs: u64,
     pub embedded: EmbeddedIndexSettings,
     pub elasticsearch: ElasticsearchSettings,
 }

@@ -32,6 +32,10 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("{0}")]
     ServiceUnavailable(String),
+    /// The contact index refused a query (400, naming the parameter) or
+    /// failed (503).
+    #[error(transparent)]
+    Index(#[from] crate::index::IndexError),
 }
 
 impl From<crate::jobs::schedule::CancelError> for ApiError {
@@ -99,6 +103,18 @@ impl ApiError {
     pub fn status_and_outcome(&self) -> (StatusCode, Value) {
         let (status, code) = match self {
             ApiError::Store(e) => return status_and_outcome(e),
+            ApiError::Index(crate::index::IndexError::BadQuery { parameter, .. }) => {
+                let mut outcome =
+                    crate::fhir::operation_outcome("error", "invalid", &self.to_string());
+                outcome["issue"][0]["expression"] = json!([parameter]);
+                return (StatusCode::BAD_REQUEST, outcome);
+            }
+            ApiError::Index(crate::index::IndexError::Backend(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "transient")
+            }
+            ApiError::Index(crate::index::IndexError::Config(_)) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "exception")
+            }
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid"),
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "login"),
             ApiError::NotAcceptable(_) => (StatusCode::NOT_ACCEPTABLE, "not-supported"),

@@ -17,6 +17,7 @@ use crate::jobs::delivery_poll::{DeliveryPoll, DeliveryPollJob};
 use crate::jobs::dispatch::{DispatchJob, Dispatcher};
 use crate::jobs::flow_sync::FlowSyncJob;
 use crate::jobs::inbound_poll::{InboundPoll, InboundPollJob};
+use crate::jobs::index_sync::{IndexHealth, IndexSync, IndexSyncJob};
 use crate::jobs::rapidpro_directory::RapidProDirectory;
 use crate::jobs::runner::{self, Nudge};
 use crate::jobs::schedule::{ScheduleJob, Scheduler};
@@ -36,6 +37,8 @@ pub enum StartupError {
     /// A file of `fhir-profiles/` could not be written to the store.
     #[error("cannot load the FHIR profiles: {0}")]
     Profiles(#[from] crate::fhir::profiles::ProfileError),
+    #[error("cannot open the contact index: {0}")]
+    Index(#[from] crate::index::IndexError),
     #[error("cannot listen on {address}: {source}")]
     Bind {
         address: SocketAddr,
@@ -54,6 +57,8 @@ pub struct Application {
     /// The contact sync, the dispatcher and the flow sync, when RapidPro is
     /// configured.
     jobs: Option<RapidProJobs>,
+    /// Follows the store into the contact index.
+    index_sync: Arc<IndexSyncJob>,
 }
 
 /// The jobs that talk to RapidPro, sharing one client (and so one throttle
@@ -195,6 +200,17 @@ impl Application {
         };
         let store: SharedStore = Arc::new(MeteredStore::new(store));
         let jobs = rapidpro_jobs(&settings, &store)?;
+        let index = crate::index::open_index(&settings.index).await?;
+        let index_health = IndexHealth::default();
+        let index_sync = Arc::new(IndexSyncJob(IndexSync {
+            store: Arc::clone(&store),
+            index: Arc::clone(&index),
+            phones: PhoneNormalizer::from_settings(&settings.phone)
+                .map_err(|e| ConfigError(format!("phone.default_country: {e}")))?,
+            overlap: chrono::Duration::seconds(settings.index.follow_overlap_secs as i64),
+            health: index_health.clone(),
+            applied: Default::default(),
+        }));
         let state = AppState {
             store,
             settings: Arc::new(settings),
@@ -204,6 +220,9 @@ impl Application {
             dispatch: jobs.as_ref().map(|j| j.dispatch.1.clone()),
             flow_sync: jobs.as_ref().map(|j| j.flow_sync.1.clone()),
             schedule: jobs.as_ref().map(|j| j.schedule.1.clone()),
+            index,
+            index_health,
+            index_sync: Nudge::default(),
         };
         Ok(Application {
             listener,
@@ -212,6 +231,7 @@ impl Application {
             shutdown: CancellationToken::new(),
             profiles_pending,
             jobs,
+            index_sync,
         })
     }
 
@@ -259,6 +279,13 @@ impl Application {
                 .await;
             });
         }
+        runner::spawn(
+            self.index_sync,
+            Duration::from_secs(self.state.settings.index.follow_interval_secs.max(1)),
+            self.state.index_sync.clone(),
+            token.clone(),
+            &jobs,
+        );
         if let Some(RapidProJobs {
             contact_sync,
             dispatch,
@@ -311,7 +338,7 @@ impl Application {
         let server = tokio::spawn(async move { server.await });
         token.cancelled().await;
         tracing::info!("shutting down: draining in-flight requests");
-        match tokio::time::timeout(grace, server).await {
+        let served = match tokio::time::timeout(grace, server).await {
             Ok(joined) => joined.map_err(std::io::Error::other)?,
             Err(_) => {
                 tracing::warn!(
@@ -320,7 +347,16 @@ impl Application {
                 );
                 Ok(())
             }
+        };
+        // Jobs stop between passes; a pass under way may finish (and
+        // release what it holds, such as the index writer).
+        if tokio::time::timeout(grace, jobs.wait()).await.is_err() {
+            tracing::warn!(
+                grace_secs = grace.as_secs(),
+                "a job pass did not finish in time; stopping"
+            );
         }
+        served
     }
 }
 

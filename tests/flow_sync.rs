@@ -264,6 +264,7 @@ async fn a_failing_rapidpro_leaves_the_store_untouched() {
 /// Start the application on `dir`'s store, read `path` from the FHIR API,
 /// and stop it.
 async fn get_on(dir: &tempfile::TempDir, paths: &[&str]) -> Vec<(u16, Value)> {
+    mhero::install_tls_provider();
     let settings = common::test_settings(dir, &[]);
     let app = Application::build(settings).await.expect("app builds");
     let fhir = app.fhir_base().to_string();

@@ -38,6 +38,11 @@ fn harness() -> Harness {
         dispatch: None,
         flow_sync: None,
         schedule: None,
+        index: Arc::new(
+            mhero::index::tantivy::TantivyIndex::open(&dir.path().join("index")).unwrap(),
+        ),
+        index_health: Default::default(),
+        index_sync: Default::default(),
     };
     Harness {
         runtime,
@@ -230,6 +235,40 @@ fn query() -> impl Strategy<Value = String> {
     })
 }
 
+fn contact_query() -> impl Strategy<Value = String> {
+    let key = prop_oneof![
+        Just("q"),
+        Just("type"),
+        Just("cadre"),
+        Just("location"),
+        Just("group"),
+        Just("opted_out"),
+        Just("has_phone"),
+        Just("replied_since"),
+        Just("page"),
+        Just("page_size"),
+        Just("by"),
+        Just("bogus")
+    ];
+    let value = prop_oneof![
+        "\\PC{0,12}",
+        Just("Practitioner".to_string()),
+        Just("true".to_string()),
+        Just("2026-11-01".to_string()),
+        Just("2026-11-01T25:00:00Z".to_string()),
+        Just("0".to_string()),
+        Just("18446744073709551616".to_string()),
+        Just("+231 77 000 1001".to_string())
+    ];
+    prop::collection::vec((key, value), 0..5).prop_map(|pairs| {
+        let mut s = url::form_urlencoded::Serializer::new(String::new());
+        for (k, v) in pairs {
+            s.append_pair(k, &v);
+        }
+        s.finish()
+    })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 96, failure_persistence: None, ..ProptestConfig::default() })]
 
@@ -257,6 +296,20 @@ proptest! {
         let (status, answer) = h.send("GET", &format!("/fhir/Practitioner?{q}"), String::new());
         assert_answer(status, &answer);
         prop_assert!(status == StatusCode::OK || status == StatusCode::BAD_REQUEST, "{} {}", status, answer);
+    }
+
+    #[test]
+    fn arbitrary_contact_searches_and_audiences_get_a_clear_answer(q in contact_query(), body in json_value()) {
+        let h = harness();
+        for path in ["/api/contacts", "/api/contacts/stats"] {
+            let (status, answer) = h.send("GET", &format!("{path}?{q}"), String::new());
+            assert_answer(status, &answer);
+            prop_assert!(status == StatusCode::OK || status == StatusCode::BAD_REQUEST, "{} {}", status, answer);
+        }
+        // The index is empty: an audience is refused, never made or a 5xx.
+        let (status, answer) = h.send("POST", "/api/contacts/audience", body.to_string());
+        assert_answer(status, &answer);
+        prop_assert!(status.is_client_error(), "{} {}", status, answer);
     }
 
     #[test]

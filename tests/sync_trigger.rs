@@ -1,5 +1,6 @@
 //! Writing a person through the FHIR API starts a contact sync pass at
-//! once; other writes, reads and refused writes do not.
+//! once; other writes, reads and refused writes do not. Every successful
+//! write starts an index follower pass.
 
 use std::sync::Arc;
 
@@ -18,6 +19,8 @@ async fn person_writes_nudge_the_contact_sync() {
         .await
         .unwrap();
     let nudge = Nudge::default();
+    let index_nudge = Nudge::default();
+    let index = mhero::index::tantivy::TantivyIndex::open(&dir.path().join("index")).unwrap();
     let state = AppState {
         store: Arc::new(store),
         settings: Arc::new(Settings::load_from(None, Some(Default::default())).unwrap()),
@@ -27,6 +30,9 @@ async fn person_writes_nudge_the_contact_sync() {
         dispatch: None,
         flow_sync: None,
         schedule: None,
+        index: Arc::new(index),
+        index_health: Default::default(),
+        index_sync: index_nudge.clone(),
     };
     let app = router(state);
     let send = |method: &str, uri: &str, body: &str| {
@@ -54,6 +60,7 @@ async fn person_writes_nudge_the_contact_sync() {
         .status();
     assert!(refused.is_client_error());
     assert_eq!(nudge.times_nudged(), 0, "no person was written");
+    assert_eq!(index_nudge.times_nudged(), 1, "only the Organization write");
 
     let created = send(
         "POST",
@@ -68,4 +75,5 @@ async fn person_writes_nudge_the_contact_sync() {
     let bundle = r#"{"resourceType":"Bundle","type":"batch","entry":[]}"#;
     send("POST", "/fhir", bundle).await.unwrap();
     assert_eq!(nudge.times_nudged(), 2, "a Bundle may carry people");
+    assert_eq!(index_nudge.times_nudged(), 3);
 }

@@ -62,9 +62,10 @@ pub fn routes_at(state: AppState, prefix: &str) -> Router {
         .with_state(state)
 }
 
-/// A successful write of a person (or a Bundle, which may hold people)
-/// starts a contact sync pass now instead of at the next interval; a
-/// CommunicationRequest (or a Bundle) starts a dispatcher pass.
+/// A successful write starts an index follower pass now instead of at the
+/// next interval; a write of a person (or a Bundle, which may hold people)
+/// starts a contact sync pass; a CommunicationRequest (or a Bundle) starts
+/// a dispatcher pass.
 async fn nudge_jobs(
     State(state): State<AppState>,
     request: axum::extract::Request,
@@ -89,6 +90,7 @@ async fn nudge_jobs(
         return response;
     }
     let is_bundle = segment.is_empty();
+    state.index_sync.nudge();
     if (is_bundle || crate::pipeline::contact::PERSON_TYPES.contains(&segment.as_str()))
         && let Some(nudge) = &state.contact_sync
     {

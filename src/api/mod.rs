@@ -1,9 +1,10 @@
-//! The HTTP API (axum): the FHIR REST facade under `/fhir`, health and
-//! metrics, authentication, request ids and request metrics. Handlers
+//! The HTTP API (axum): the FHIR REST facade under `/fhir`, the contact
+//! search under `/api/contacts`, health and metrics, authentication, request ids and request metrics. Handlers
 //! validate, call the store and shape FHIR responses; every error goes
 //! through `error.rs`.
 
 pub mod auth;
+pub mod contacts;
 pub mod emnutt;
 pub mod fhir;
 pub mod health;
@@ -41,6 +42,12 @@ pub struct AppState {
     pub flow_sync: Option<crate::jobs::runner::Nudge>,
     /// Starts a scheduler pass now (set when RapidPro is configured).
     pub schedule: Option<crate::jobs::runner::Nudge>,
+    /// The contact index (`/api/contacts`).
+    pub index: crate::index::SharedIndex,
+    /// How far behind the store the index is (`/health/ready`).
+    pub index_health: crate::jobs::index_sync::IndexHealth,
+    /// Starts an index follower pass now (after any write through the API).
+    pub index_sync: crate::jobs::runner::Nudge,
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -54,11 +61,13 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(max_body));
     let emnutt = emnutt::routes(state.clone()).layer(DefaultBodyLimit::max(max_body));
     let ops = health::routes(state.clone());
+    let contacts = contacts::routes(state.clone()).layer(DefaultBodyLimit::max(max_body));
     let rapidpro = webhooks::routes(state.clone()).layer(DefaultBodyLimit::max(max_body));
     Router::new()
         .merge(fhir)
         .merge(emnutt)
         .merge(rapidpro)
+        .merge(contacts)
         .merge(ops)
         .fallback(fhir::unknown_route)
         .layer(middleware::from_fn(crate::error::outcome_for_every_error))

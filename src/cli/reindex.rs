@@ -1,16 +1,16 @@
 //! `mhero reindex`: rebuilds the contact index from the FHIR store (the
-//! source of truth), with a progress spinner on a terminal. The embedded
-//! (tantivy) index is rebuilt in place: cleared, every person written, one
-//! commit at the end, so a failure part-way leaves the previous index.
+//! source of truth), with a progress spinner on a terminal. The index is
+//! rebuilt in place: cleared, every person written, one commit at the end,
+//! so a failure part-way leaves the previous index. A running `mhero serve`
+//! holds the embedded index and keeps it current itself.
 
 use std::io::IsTerminal;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::config::{IndexBackendKind, Settings};
-use crate::index::document::all_documents;
-use crate::index::tantivy::TantivyIndex;
-use crate::index::{ContactIndex, IndexError};
+use crate::config::Settings;
+use crate::index::{IndexError, open_index};
+use crate::jobs::index_sync::{IndexSyncError, rebuild};
 use crate::pipeline::phone::PhoneNormalizer;
 use crate::store::{StoreError, open_store};
 
@@ -26,17 +26,24 @@ pub enum ReindexError {
     Index(#[from] IndexError),
 }
 
+impl From<IndexSyncError> for ReindexError {
+    fn from(error: IndexSyncError) -> Self {
+        match error {
+            IndexSyncError::Store(e) => ReindexError::Store(e),
+            IndexSyncError::Index(e) => ReindexError::Index(e),
+        }
+    }
+}
+
 /// Rebuilds the index; returns how many people it holds.
 pub async fn reindex(settings: &Settings) -> Result<usize, ReindexError> {
-    if settings.index.backend != IndexBackendKind::Embedded {
-        return Err(ReindexError::Config(
-            "index.backend = \"elasticsearch\" is not available yet; use \"embedded\"".into(),
-        ));
-    }
     let phones = PhoneNormalizer::from_settings(&settings.phone)
         .map_err(|e| ReindexError::Config(format!("phone.default_country: {e}")))?;
     let store = open_store(&settings.fhir).await?;
-    let index = TantivyIndex::open(&settings.index.embedded.path)?;
+    let index = open_index(&settings.index).await.map_err(|e| match e {
+        IndexError::Config(reason) => ReindexError::Config(reason),
+        other => ReindexError::Index(other),
+    })?;
     let progress = if std::io::stderr().is_terminal() {
         ProgressBar::new_spinner()
     } else {
@@ -47,20 +54,7 @@ pub async fn reindex(settings: &Settings) -> Result<usize, ReindexError> {
             .unwrap_or_else(|_| ProgressStyle::default_spinner()),
     );
     progress.enable_steady_tick(std::time::Duration::from_millis(120));
-    index.clear().await?;
-    let count = all_documents(store.as_ref(), &phones, 1000, |documents| {
-        let index = index.clone();
-        let progress = progress.clone();
-        async move {
-            let n = documents.len() as u64;
-            index.upsert(documents).await?;
-            progress.inc(n);
-            Ok::<(), ReindexError>(())
-        }
-    })
-    .await;
+    let count = rebuild(&store, &index, &phones, |n| progress.inc(n as u64)).await;
     progress.finish_and_clear();
-    let count = count?;
-    index.commit().await?;
-    Ok(count)
+    Ok(count?)
 }

@@ -67,6 +67,10 @@ pub const PROFILE_FILES: &[(&str, &str)] = &[
         include_str!("../../fhir-profiles/StructureDefinition-mhero-rapidpro-address.json"),
     ),
     (
+        "StructureDefinition-mhero-audience-query.json",
+        include_str!("../../fhir-profiles/StructureDefinition-mhero-audience-query.json"),
+    ),
+    (
         "StructureDefinition-mhero-recipient-job.json",
         include_str!("../../fhir-profiles/StructureDefinition-mhero-recipient-job.json"),
     ),

@@ -1,19 +1,23 @@
-//! Contact documents from the FHIR store. A [`Directory`] is read once per
-//! (re)build, in bulk: every Location (for the facility -> district ->
-//! region -> country chain), every active PractitionerRole (jobs,
-//! facilities, organisations), every Group's members and the job
-//! CodeSystems (cadre of each job); then each person becomes a
-//! [`ContactDocument`] with no further reads. The person's own fields come
-//! from the same mapping as their RapidPro contact (`pipeline::contact`).
+//! Contact documents from the FHIR store. A [`Directory`] holds what the
+//! documents need besides the person: Locations (for the facility ->
+//! district -> region -> country chain), active PractitionerRoles (jobs,
+//! facilities, organisations), Group members, the job CodeSystems (cadre
+//! of each job) and each person's latest message and reply. A rebuild
+//! reads it once, in bulk (`Directory::load`); an update reads only what
+//! the changed people need (`Directory::for_people`); both give the same
+//! document. The person's own fields come from the same mapping as their
+//! RapidPro contact (`pipeline::contact`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use super::{ContactDocument, JobRef, PlaceRef};
+use super::{ContactDocument, JobRef, LastMessage, PlaceRef};
 use crate::pipeline::contact::{PERSON_TYPES, draft};
+use crate::pipeline::outbox::DELIVERY_EXTENSION;
 use crate::pipeline::phone::PhoneNormalizer;
-use crate::store::{FhirStore, StoreError, search_all};
+use crate::store::{FhirStore, SearchRequest, StoreError, StoredResource, search_all};
 
 const MAX_DEPTH: usize = 12;
 
@@ -25,6 +29,8 @@ struct Place {
 
 /// One active PractitionerRole, as far as documents need it.
 struct CurrentRole {
+    /// The role's id: a person's roles are taken in this order.
+    id: String,
     job: Option<JobRef>,
     location: Option<String>,
     organization: Option<String>,
@@ -42,6 +48,14 @@ pub struct Directory {
     cadres: HashMap<String, (String, Option<String>)>,
     /// Concept displays of the job and cadre CodeSystems, by code.
     displays: HashMap<String, String>,
+    /// Person reference -> their latest message and reply.
+    activity: HashMap<String, Activity>,
+}
+
+#[derive(Default)]
+struct Activity {
+    last_message: Option<LastMessage>,
+    last_reply: Option<DateTime<Utc>>,
 }
 
 fn reference_id<'a>(reference: &'a Value, resource_type: &str) -> Option<&'a str> {
@@ -88,32 +102,165 @@ fn role_is_current(role: &Value) -> bool {
     }
 }
 
+/// The iHRIS job, cadre and classification CodeSystems (by URL ending).
+fn is_job_terminology(url: &str) -> bool {
+    url.ends_with("/ihris-job")
+        || url.ends_with("/ihris-cadre")
+        || url.ends_with("/ihris-classification")
+}
+
+/// Whether a change to this CodeSystem changes documents (a job's cadre
+/// or a display): the iHRIS job terminology.
+pub fn affects_documents(code_system: &Value) -> bool {
+    is_job_terminology(code_system["url"].as_str().unwrap_or_default())
+}
+
+fn page_of(chunk: &[String]) -> String {
+    chunk
+        .iter()
+        .map(|v| crate::store::escape_search_value(v))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Matches of `parameter` = any of `values`, read in chunks of 50.
+pub async fn search_any_of(
+    store: &dyn FhirStore,
+    resource_type: &str,
+    parameter: &str,
+    values: &[String],
+) -> Result<Vec<StoredResource>, StoreError> {
+    let mut found = Vec::new();
+    for chunk in values.chunks(50) {
+        let params = vec![
+            (parameter.to_string(), page_of(chunk)),
+            ("_count".into(), "1000".into()),
+        ];
+        found.extend(search_all(store, resource_type, params).await?);
+    }
+    Ok(found)
+}
+
 impl Directory {
-    /// Reads the shared facts from `store`.
+    /// Reads the shared facts from `store`, for every person (a rebuild).
     pub async fn load(store: &dyn FhirStore) -> Result<Directory, StoreError> {
         let mut directory = Directory::default();
         let all = |t: &'static str| search_all(store, t, vec![("_count".into(), "1000".into())]);
         for location in all("Location").await? {
-            let resource = &location.resource;
-            directory.places.insert(
-                location.id.clone(),
-                Place {
-                    name: resource["name"]
-                        .as_str()
-                        .unwrap_or(&location.id)
-                        .to_string(),
-                    level: level_of(resource),
-                    parent: reference_id(&resource["partOf"], "Location").map(str::to_string),
-                },
-            );
+            directory.add_location(&location);
         }
-        for system in all("CodeSystem").await? {
+        directory.add_job_terminology(&all("CodeSystem").await?);
+        for role in all("PractitionerRole").await? {
+            directory.add_role(&role.resource);
+        }
+        for group in all("Group").await? {
+            directory.add_group(&group, None);
+        }
+        // Messages are many: page through them keeping only each person's
+        // latest.
+        let mut cursor = None;
+        loop {
+            let page = store
+                .search(SearchRequest {
+                    resource_type: "Communication".into(),
+                    params: vec![
+                        ("_count".into(), "1000".into()),
+                        ("_total".into(), "none".into()),
+                    ],
+                    cursor,
+                    lenient: false,
+                })
+                .await?;
+            for communication in &page.matches {
+                directory.add_communication(communication, None);
+            }
+            match page.next_cursor {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        Ok(directory)
+    }
+
+    /// Reads what the documents of `people` (references) need, and only
+    /// that: their roles, groups and messages, the places above their
+    /// facilities, and the job terminology (an incremental update).
+    pub async fn for_people(
+        store: &dyn FhirStore,
+        people: &BTreeSet<String>,
+    ) -> Result<Directory, StoreError> {
+        let mut directory = Directory::default();
+        let people_list: Vec<String> = people.iter().cloned().collect();
+        let terminology =
+            search_all(store, "CodeSystem", vec![("_count".into(), "1000".into())]).await?;
+        directory.add_job_terminology(&terminology);
+        let practitioners: Vec<String> = people_list
+            .iter()
+            .filter(|p| p.starts_with("Practitioner/"))
+            .cloned()
+            .collect();
+        for role in search_any_of(store, "PractitionerRole", "practitioner", &practitioners).await?
+        {
+            directory.add_role(&role.resource);
+        }
+        for group in search_any_of(store, "Group", "member", &people_list).await? {
+            directory.add_group(&group, Some(people));
+        }
+        for parameter in ["recipient", "sender"] {
+            for communication in
+                search_any_of(store, "Communication", parameter, &people_list).await?
+            {
+                directory.add_communication(&communication, Some(people));
+            }
+        }
+        // The facilities, then each level above, until no place is new.
+        let mut wanted: BTreeSet<String> = directory
+            .roles
+            .values()
+            .flatten()
+            .filter_map(|r| r.location.clone())
+            .collect();
+        for _ in 0..MAX_DEPTH {
+            let missing: Vec<String> = wanted
+                .iter()
+                .filter(|id| !directory.places.contains_key(*id))
+                .cloned()
+                .collect();
+            if missing.is_empty() {
+                break;
+            }
+            wanted.clear();
+            for location in search_any_of(store, "Location", "_id", &missing).await? {
+                directory.add_location(&location);
+                if let Some(parent) = &directory.places[&location.id].parent {
+                    wanted.insert(parent.clone());
+                }
+            }
+        }
+        Ok(directory)
+    }
+
+    fn add_location(&mut self, location: &StoredResource) {
+        let resource = &location.resource;
+        self.places.insert(
+            location.id.clone(),
+            Place {
+                name: resource["name"]
+                    .as_str()
+                    .unwrap_or(&location.id)
+                    .to_string(),
+                level: level_of(resource),
+                parent: reference_id(&resource["partOf"], "Location").map(str::to_string),
+            },
+        );
+    }
+
+    /// Job and cadre displays, and each job's cadre.
+    fn add_job_terminology(&mut self, code_systems: &[StoredResource]) {
+        for system in code_systems {
             let resource = &system.resource;
             let url = resource["url"].as_str().unwrap_or_default();
-            if !(url.ends_with("/ihris-job")
-                || url.ends_with("/ihris-cadre")
-                || url.ends_with("/ihris-classification"))
-            {
+            if !is_job_terminology(url) {
                 continue;
             }
             for concept in resource["concept"].as_array().into_iter().flatten() {
@@ -121,8 +268,7 @@ impl Directory {
                     continue;
                 };
                 if let Some(display) = concept["display"].as_str() {
-                    directory
-                        .displays
+                    self.displays
                         .entry(code.to_string())
                         .or_insert_with(|| display.to_string());
                 }
@@ -139,78 +285,138 @@ impl Directory {
                 if url.ends_with("/ihris-job")
                     && let Some(cadre) = cadre
                 {
-                    directory
-                        .cadres
+                    self.cadres
                         .insert(code.to_string(), (cadre.to_string(), None));
                 }
             }
         }
-        let displays = &directory.displays;
-        for (_, (cadre, display)) in directory.cadres.iter_mut() {
+        let displays = &self.displays;
+        for (_, (cadre, display)) in self.cadres.iter_mut() {
             *display = displays.get(cadre).cloned();
         }
-        for role in all("PractitionerRole").await? {
-            let resource = &role.resource;
-            if !role_is_current(resource) {
+    }
+
+    fn add_role(&mut self, resource: &Value) {
+        if !role_is_current(resource) {
+            return;
+        }
+        let Some(person) = resource["practitioner"]["reference"].as_str() else {
+            return;
+        };
+        let job = resource["code"]
+            .as_array()
+            .and_then(|c| c.first())
+            .and_then(|concept| {
+                let coding = &concept["coding"][0];
+                let code = coding["code"].as_str()?.to_string();
+                let display = coding["display"]
+                    .as_str()
+                    .or(concept["text"].as_str())
+                    .map(str::to_string)
+                    .or_else(|| self.displays.get(&code).cloned());
+                let (cadre, cadre_display) = match self.cadres.get(&code) {
+                    Some((cadre, display)) => (Some(cadre.clone()), display.clone()),
+                    None => (None, None),
+                };
+                Some(JobRef {
+                    code,
+                    display,
+                    cadre,
+                    cadre_display,
+                })
+            });
+        let location = resource["location"]
+            .as_array()
+            .and_then(|l| l.first())
+            .and_then(|l| reference_id(l, "Location"))
+            .map(str::to_string);
+        let organization =
+            reference_id(&resource["organization"], "Organization").map(str::to_string);
+        self.roles
+            .entry(person.to_string())
+            .or_default()
+            .push(CurrentRole {
+                id: resource["id"].as_str().unwrap_or_default().to_string(),
+                job,
+                location,
+                organization,
+            });
+    }
+
+    /// The group's active members (of `only`, when given).
+    fn add_group(&mut self, group: &StoredResource, only: Option<&BTreeSet<String>>) {
+        for member in group.resource["member"].as_array().into_iter().flatten() {
+            if member["inactive"] == Value::Bool(true) {
                 continue;
             }
-            let Some(person) = resource["practitioner"]["reference"].as_str() else {
+            let Some(person) = member["entity"]["reference"].as_str() else {
                 continue;
             };
-            let job = resource["code"]
-                .as_array()
-                .and_then(|c| c.first())
-                .and_then(|concept| {
-                    let coding = &concept["coding"][0];
-                    let code = coding["code"].as_str()?.to_string();
-                    let display = coding["display"]
-                        .as_str()
-                        .or(concept["text"].as_str())
-                        .map(str::to_string)
-                        .or_else(|| directory.displays.get(&code).cloned());
-                    let (cadre, cadre_display) = match directory.cadres.get(&code) {
-                        Some((cadre, display)) => (Some(cadre.clone()), display.clone()),
-                        None => (None, None),
-                    };
-                    Some(JobRef {
-                        code,
-                        display,
-                        cadre,
-                        cadre_display,
-                    })
-                });
-            let location = resource["location"]
-                .as_array()
-                .and_then(|l| l.first())
-                .and_then(|l| reference_id(l, "Location"))
-                .map(str::to_string);
-            let organization =
-                reference_id(&resource["organization"], "Organization").map(str::to_string);
-            directory
-                .roles
-                .entry(person.to_string())
-                .or_default()
-                .push(CurrentRole {
-                    job,
-                    location,
-                    organization,
-                });
-        }
-        for group in all("Group").await? {
-            for member in group.resource["member"].as_array().into_iter().flatten() {
-                if member["inactive"] == Value::Bool(true) {
-                    continue;
-                }
-                if let Some(person) = member["entity"]["reference"].as_str() {
-                    directory
-                        .groups
-                        .entry(person.to_string())
-                        .or_default()
-                        .push(group.id.clone());
-                }
+            if only.is_some_and(|only| !only.contains(person)) {
+                continue;
+            }
+            let groups = self.groups.entry(person.to_string()).or_default();
+            if !groups.contains(&group.id) {
+                groups.push(group.id.clone());
             }
         }
-        Ok(directory)
+    }
+
+    /// An outbox entry (it carries the delivery extension) is a message
+    /// to its recipient; any other Communication with a person as sender
+    /// and a `received` time is a reply from them.
+    fn add_communication(
+        &mut self,
+        communication: &StoredResource,
+        only: Option<&BTreeSet<String>>,
+    ) {
+        let resource = &communication.resource;
+        let wanted = |person: &str| only.is_none_or(|only| only.contains(person));
+        let is_outbox_entry = resource["extension"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["url"] == DELIVERY_EXTENSION);
+        if is_outbox_entry {
+            let Some(person) = resource["recipient"][0]["reference"].as_str() else {
+                return;
+            };
+            if !wanted(person) {
+                return;
+            }
+            let candidate = LastMessage {
+                communication: communication.id.clone(),
+                status: resource["status"].as_str().unwrap_or("unknown").to_string(),
+                updated: communication.last_updated,
+            };
+            let slot = self.activity.entry(person.to_string()).or_default();
+            // Latest update wins; equal instants are settled by id so a
+            // rebuild and an update agree.
+            let newer = slot.last_message.as_ref().is_none_or(|last| {
+                (candidate.updated, &candidate.communication) > (last.updated, &last.communication)
+            });
+            if newer {
+                slot.last_message = Some(candidate);
+            }
+        } else if let (Some(person), Some(received)) = (
+            resource["sender"]["reference"].as_str(),
+            resource["received"]
+                .as_str()
+                .and_then(|t| DateTime::parse_from_rfc3339(t).ok()),
+        ) {
+            if !wanted(person)
+                || !PERSON_TYPES
+                    .iter()
+                    .any(|t| person.starts_with(&format!("{t}/")))
+            {
+                return;
+            }
+            let received = received.with_timezone(&Utc);
+            let slot = self.activity.entry(person.to_string()).or_default();
+            if slot.last_reply.is_none_or(|last| received > last) {
+                slot.last_reply = Some(received);
+            }
+        }
     }
 
     /// The facility `id` and every place above it.
@@ -276,7 +482,10 @@ impl Directory {
         let mut jobs = Vec::new();
         let mut places: Vec<PlaceRef> = Vec::new();
         let mut organizations = Vec::new();
-        for role in self.roles.get(&reference).into_iter().flatten() {
+        let mut roles: Vec<&CurrentRole> =
+            self.roles.get(&reference).into_iter().flatten().collect();
+        roles.sort_by(|a, b| a.id.cmp(&b.id));
+        for role in roles {
             if let Some(job) = &role.job
                 && !jobs.contains(job)
             {
@@ -314,7 +523,16 @@ impl Directory {
             jobs,
             places,
             organizations,
-            groups: self.groups.get(&reference).cloned().unwrap_or_default(),
+            groups: {
+                let mut groups = self.groups.get(&reference).cloned().unwrap_or_default();
+                groups.sort();
+                groups
+            },
+            last_message: self
+                .activity
+                .get(&reference)
+                .and_then(|a| a.last_message.clone()),
+            last_reply: self.activity.get(&reference).and_then(|a| a.last_reply),
         }
     }
 }

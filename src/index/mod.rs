@@ -9,7 +9,10 @@ pub mod tantivy;
 
 use std::collections::BTreeMap;
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+
+use crate::config::{IndexBackendKind, IndexSettings};
 
 /// Why the index could not answer.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +23,21 @@ pub enum IndexError {
     /// The index itself failed (disk, corrupt segment, lock).
     #[error("contact index: {0}")]
     Backend(String),
+    /// The `[index]` settings cannot be used.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Opens the configured index.
+pub async fn open_index(settings: &IndexSettings) -> Result<SharedIndex, IndexError> {
+    match settings.backend {
+        IndexBackendKind::Embedded => Ok(std::sync::Arc::new(tantivy::TantivyIndex::open(
+            &settings.embedded.path,
+        )?)),
+        IndexBackendKind::Elasticsearch => Err(IndexError::Config(
+            "index.backend = \"elasticsearch\" is not available yet; use \"embedded\"".into(),
+        )),
+    }
 }
 
 /// A place the person works at or under: the facility first, then each
@@ -40,6 +58,16 @@ pub struct JobRef {
     pub display: Option<String>,
     pub cadre: Option<String>,
     pub cadre_display: Option<String>,
+}
+
+/// The outbox entry (`Communication`) to the person updated most
+/// recently: what officials see as "the last message" and its status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastMessage {
+    pub communication: String,
+    /// `preparation`, `in-progress`, `completed`, `not-done` or `stopped`.
+    pub status: String,
+    pub updated: DateTime<Utc>,
 }
 
 /// One person, as the index keeps them.
@@ -68,6 +96,11 @@ pub struct ContactDocument {
     pub organizations: Vec<String>,
     /// Group ids the person is a member of.
     pub groups: Vec<String>,
+    #[serde(default)]
+    pub last_message: Option<LastMessage>,
+    /// When the person's latest reply was received.
+    #[serde(default)]
+    pub last_reply: Option<DateTime<Utc>>,
 }
 
 impl ContactDocument {
@@ -109,9 +142,161 @@ pub struct ContactQuery {
     pub group: Option<String>,
     pub opted_out: Option<bool>,
     pub has_phone: Option<bool>,
+    /// Replied at or after this instant.
+    pub replied_since: Option<DateTime<Utc>>,
     /// 0-based page.
     pub page: usize,
     pub page_size: usize,
+}
+
+/// The default and largest page size of `GET /api/contacts`.
+pub const DEFAULT_PAGE_SIZE: usize = 50;
+pub const MAX_PAGE_SIZE: usize = 1000;
+
+fn bad(parameter: &str, reason: impl Into<String>) -> IndexError {
+    IndexError::BadQuery {
+        parameter: parameter.to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn parse_bool(parameter: &str, value: &str) -> Result<bool, IndexError> {
+    match value {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        other => Err(bad(parameter, format!("{other:?} is not true or false"))),
+    }
+}
+
+/// An instant (`2026-11-01T08:00:00Z`, with any offset) or a date
+/// (`2026-11-01`, its start in UTC).
+fn parse_instant(parameter: &str, value: &str) -> Result<DateTime<Utc>, IndexError> {
+    if let Ok(at) = DateTime::parse_from_rfc3339(value) {
+        return Ok(at.with_timezone(&Utc));
+    }
+    chrono::NaiveDate::parse_from_str(value, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc())
+        .ok_or_else(|| {
+            bad(
+                parameter,
+                format!(
+                    "{value:?} is not a date (2026-11-01) or an instant (2026-11-01T08:00:00Z)"
+                ),
+            )
+        })
+}
+
+fn parse_page(parameter: &str, value: &str, max: usize) -> Result<usize, IndexError> {
+    match value.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(bad(
+            parameter,
+            format!("{value:?} is not a whole number from 1 to {max}"),
+        )),
+    }
+}
+
+/// The filter names of `GET /api/contacts` (and `stats`, `audience`).
+pub const FILTERS: &[&str] = &[
+    "q",
+    "type",
+    "cadre",
+    "job",
+    "location",
+    "group",
+    "opted_out",
+    "has_phone",
+    "replied_since",
+];
+
+impl ContactQuery {
+    /// Reads the filters (and, with `paging`, `page` (1-based) and
+    /// `page_size`) from query parameters. `extra` names other parameters
+    /// the caller reads itself. An unknown or repeated parameter is refused,
+    /// naming it: a mistyped filter must not widen an audience to everyone.
+    pub fn from_pairs<'a>(
+        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+        paging: bool,
+        extra: &[&str],
+    ) -> Result<ContactQuery, IndexError> {
+        let mut query = ContactQuery {
+            page_size: DEFAULT_PAGE_SIZE,
+            ..Default::default()
+        };
+        let mut seen: Vec<&str> = Vec::new();
+        for (name, value) in pairs {
+            if seen.contains(&name) {
+                return Err(bad(name, "is given twice; give it once"));
+            }
+            seen.push(name);
+            let value = value.trim();
+            let text = || (!value.is_empty()).then(|| value.to_string());
+            match name {
+                "q" => query.q = text(),
+                "type" => {
+                    if !crate::pipeline::contact::PERSON_TYPES.contains(&value) {
+                        return Err(bad(
+                            name,
+                            format!(
+                                "{value:?} is not a person type; use {}",
+                                crate::pipeline::contact::PERSON_TYPES.join(", ")
+                            ),
+                        ));
+                    }
+                    query.resource_type = text();
+                }
+                "cadre" => query.cadre = text(),
+                "job" => query.job = text(),
+                "location" => query.location = text(),
+                "group" => query.group = text(),
+                "opted_out" => query.opted_out = Some(parse_bool(name, value)?),
+                "has_phone" => query.has_phone = Some(parse_bool(name, value)?),
+                "replied_since" => query.replied_since = Some(parse_instant(name, value)?),
+                "page" if paging => query.page = parse_page(name, value, usize::MAX)? - 1,
+                "page_size" if paging => query.page_size = parse_page(name, value, MAX_PAGE_SIZE)?,
+                _ if extra.contains(&name) => {}
+                _ => {
+                    let mut known: Vec<&str> = FILTERS.to_vec();
+                    if paging {
+                        known.extend(["page", "page_size"]);
+                    }
+                    known.extend(extra);
+                    return Err(bad(
+                        name,
+                        format!("is not a contact filter; use {}", known.join(", ")),
+                    ));
+                }
+            }
+        }
+        Ok(query)
+    }
+
+    /// The filters as a query string (`cadre=nurse&location=BRB`), in
+    /// `FILTERS` order: what an audience Group records.
+    pub fn filters_query_string(&self) -> String {
+        let mut out = url::form_urlencoded::Serializer::new(String::new());
+        let flag = |v: Option<bool>| v.map(|b| b.to_string());
+        let values = [
+            self.q.clone(),
+            self.resource_type.clone(),
+            self.cadre.clone(),
+            self.job.clone(),
+            self.location.clone(),
+            self.group.clone(),
+            flag(self.opted_out),
+            flag(self.has_phone),
+            self.replied_since
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        ];
+        for (name, value) in FILTERS.iter().zip(values) {
+            if let Some(value) = value {
+                out.append_pair(name, &value);
+            }
+        }
+        out.finish()
+    }
 }
 
 /// What `stats` counts by.
@@ -161,9 +346,17 @@ pub trait ContactIndex: Send + Sync {
     async fn delete(&self, references: Vec<String>) -> Result<(), IndexError>;
     /// Removes everything.
     async fn clear(&self) -> Result<(), IndexError>;
-    /// Makes the writes so far durable and searchable.
-    async fn commit(&self) -> Result<(), IndexError>;
+    /// Makes the writes so far durable and searchable. `checkpoint`, when
+    /// given, records that every store change up to that instant is in
+    /// the index (kept with the commit, so the two cannot disagree after a
+    /// crash); `None` keeps the previous checkpoint.
+    async fn commit(&self, checkpoint: Option<DateTime<Utc>>) -> Result<(), IndexError>;
+    /// The checkpoint of the last commit; `None` for an index never built.
+    async fn checkpoint(&self) -> Result<Option<DateTime<Utc>>, IndexError>;
     async fn search(&self, query: &ContactQuery) -> Result<ContactPage, IndexError>;
+    /// The references of every match (paging ignored), read from one
+    /// snapshot of the index, in reference order.
+    async fn references(&self, query: &ContactQuery) -> Result<Vec<String>, IndexError>;
     /// Counts of the matches by `by` (a person with two cadres counts
     /// under each; one without under `unknown`).
     async fn stats(
@@ -172,4 +365,9 @@ pub trait ContactIndex: Send + Sync {
         by: StatsBy,
     ) -> Result<BTreeMap<String, u64>, IndexError>;
     async fn count(&self) -> Result<u64, IndexError>;
+    /// `embedded` or `elasticsearch`, for `/health/ready` and logs.
+    fn backend_name(&self) -> &'static str;
 }
+
+/// A shared handle on the configured index.
+pub type SharedIndex = std::sync::Arc<dyn ContactIndex>;

@@ -16,14 +16,17 @@ use std::sync::{Arc, Mutex};
 
 use tantivy::aggregation::agg_req::Aggregations;
 use tantivy::aggregation::{AggContextParams, AggregationCollector, AggregationLimitsGuard};
-use tantivy::collector::{Count, TopDocs};
+use tantivy::collector::{Count, DocSetCollector, TopDocs};
 use tantivy::directory::MmapDirectory;
-use tantivy::query::{AllQuery, BooleanQuery, FuzzyTermQuery, Occur, Query, TermQuery};
+use tantivy::query::{AllQuery, BooleanQuery, FuzzyTermQuery, Occur, Query, RangeQuery, TermQuery};
 use tantivy::schema::{
-    Field, IndexRecordOption, STORED, STRING, Schema, TextFieldIndexing, TextOptions, Value as _,
+    FAST, Field, INDEXED, IndexRecordOption, STORED, STRING, Schema, TextFieldIndexing,
+    TextOptions, Value as _,
 };
 use tantivy::tokenizer::{AsciiFoldingFilter, LowerCaser, SimpleTokenizer, TextAnalyzer};
 use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
+
+use chrono::{DateTime, Utc};
 
 use super::{ContactDocument, ContactIndex, ContactPage, ContactQuery, IndexError, StatsBy};
 
@@ -49,6 +52,8 @@ struct Fields {
     district: Field,
     gender: Field,
     status: Field,
+    /// Milliseconds since the epoch of the last reply (absent: none).
+    last_reply: Field,
 }
 
 fn schema() -> (Schema, Fields) {
@@ -75,6 +80,7 @@ fn schema() -> (Schema, Fields) {
         district: builder.add_text_field("district", counted.clone()),
         gender: builder.add_text_field("gender", counted.clone()),
         status: builder.add_text_field("status", counted),
+        last_reply: builder.add_i64_field("last_reply", INDEXED | FAST),
     };
     (builder.build(), fields)
 }
@@ -88,6 +94,8 @@ struct Inner {
     reader: IndexReader,
     writer: Mutex<IndexWriter>,
     fields: Fields,
+    /// Written with every commit (tantivy's commit payload).
+    checkpoint: Mutex<Option<DateTime<Utc>>>,
 }
 
 /// The embedded contact index.
@@ -116,7 +124,19 @@ impl TantivyIndex {
                 .filter(AsciiFoldingFilter)
                 .build(),
         );
-        let writer = index.writer(WRITER_MEMORY).map_err(backend)?;
+        let writer = index.writer(WRITER_MEMORY).map_err(|e| match e {
+            tantivy::TantivyError::LockFailure(..) => backend(format!(
+                "the index in {} is in use by another mhero process (a running `mhero serve` keeps it current itself)",
+                path.display()
+            )),
+            other => backend(other),
+        })?;
+        let checkpoint = index
+            .load_metas()
+            .map_err(backend)?
+            .payload
+            .and_then(|p| DateTime::parse_from_rfc3339(&p).ok())
+            .map(|t| t.with_timezone(&Utc));
         let reader = index
             .reader_builder()
             .reload_policy(ReloadPolicy::Manual)
@@ -128,6 +148,7 @@ impl TantivyIndex {
                 reader,
                 writer: Mutex::new(writer),
                 fields,
+                checkpoint: Mutex::new(checkpoint),
             }),
         })
     }
@@ -205,6 +226,9 @@ fn tantivy_document(
     );
     doc.add_text(fields.gender, document.gender.as_deref().unwrap_or(UNKNOWN));
     doc.add_text(fields.status, document.status());
+    if let Some(replied) = document.last_reply {
+        doc.add_i64(fields.last_reply, replied.timestamp_millis());
+    }
     Ok(doc)
 }
 
@@ -277,6 +301,16 @@ fn to_query(inner: &Inner, query: &ContactQuery) -> Box<dyn Query> {
     if let Some(has_phone) = query.has_phone {
         clauses.push((Occur::Must, term_query(f.has_phone, &has_phone.to_string())));
     }
+    if let Some(since) = query.replied_since {
+        let from = Term::from_field_i64(f.last_reply, since.timestamp_millis());
+        clauses.push((
+            Occur::Must,
+            Box::new(RangeQuery::new(
+                std::ops::Bound::Included(from),
+                std::ops::Bound::Unbounded,
+            )),
+        ));
+    }
     if clauses.is_empty() {
         Box::new(AllQuery)
     } else {
@@ -323,14 +357,33 @@ impl ContactIndex for TantivyIndex {
         .await
     }
 
-    async fn commit(&self) -> Result<(), IndexError> {
-        self.blocking(|inner| {
+    async fn commit(&self, checkpoint: Option<DateTime<Utc>>) -> Result<(), IndexError> {
+        self.blocking(move |inner| {
             let mut writer = inner.writer.lock().unwrap_or_else(|p| p.into_inner());
-            writer.commit().map_err(backend)?;
+            let mut kept = inner.checkpoint.lock().unwrap_or_else(|p| p.into_inner());
+            let checkpoint = checkpoint.or(*kept);
+            let mut prepared = writer.prepare_commit().map_err(backend)?;
+            if let Some(at) = checkpoint {
+                prepared.set_payload(&at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+            }
+            prepared.commit().map_err(backend)?;
+            *kept = checkpoint;
             inner.reader.reload().map_err(backend)?;
             Ok(())
         })
         .await
+    }
+
+    async fn checkpoint(&self) -> Result<Option<DateTime<Utc>>, IndexError> {
+        Ok(*self
+            .inner
+            .checkpoint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "embedded"
     }
 
     async fn search(&self, query: &ContactQuery) -> Result<ContactPage, IndexError> {
@@ -354,6 +407,29 @@ impl ContactIndex for TantivyIndex {
                 contacts.push(serde_json::from_str(json).map_err(backend)?);
             }
             Ok(ContactPage { total, contacts })
+        })
+        .await
+    }
+
+    async fn references(&self, query: &ContactQuery) -> Result<Vec<String>, IndexError> {
+        let query = query.clone();
+        self.blocking(move |inner| {
+            let searcher = inner.reader.searcher();
+            let matches = searcher
+                .search(&to_query(inner, &query), &DocSetCollector)
+                .map_err(backend)?;
+            let mut references = Vec::with_capacity(matches.len());
+            for address in matches {
+                let doc: TantivyDocument = searcher.doc(address).map_err(backend)?;
+                if let Some(reference) = doc
+                    .get_first(inner.fields.reference)
+                    .and_then(|v| v.as_str())
+                {
+                    references.push(reference.to_string());
+                }
+            }
+            references.sort_unstable();
+            Ok(references)
         })
         .await
     }
@@ -441,6 +517,8 @@ mod tests {
             places: vec![],
             organizations: vec![],
             groups: vec![],
+            last_message: None,
+            last_reply: None,
         };
         let doc = tantivy_document(&fields, &document).unwrap();
         let cadres: Vec<&str> = doc

@@ -5,7 +5,8 @@
 //! `sync_status`), the flow sync (`flow_sync`, RapidPro flows -> FHIR
 //! Basic), the messaging dispatcher (`dispatch`), the cron scheduler and
 //! `$cancel` (`schedule`), durable job
-//! cursors (`cursor`) and the `serve` job runner (`runner`).
+//! cursors (`cursor`), the contact index follower (`index_sync`) and the
+//! `serve` job runner (`runner`).
 
 pub mod contact_status;
 pub mod contact_status_poll;
@@ -17,6 +18,7 @@ pub mod dispatch;
 pub mod flow_sync;
 pub mod group_sync;
 pub mod inbound_poll;
+pub mod index_sync;
 pub mod rapidpro_directory;
 pub mod run_poll;
 pub mod runner;

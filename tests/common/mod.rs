@@ -42,6 +42,10 @@ pub fn test_settings(dir: &tempfile::TempDir, overrides: &[(&str, &str)]) -> Set
         "MHERO__FHIR__EMBEDDED__PATH".into(),
         dir.path().join("fhir.sqlite").display().to_string(),
     );
+    env.insert(
+        "MHERO__INDEX__EMBEDDED__PATH".into(),
+        dir.path().join("index").display().to_string(),
+    );
     for (k, v) in overrides {
         env.insert((*k).to_string(), (*v).to_string());
     }
