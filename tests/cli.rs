@@ -29,7 +29,8 @@ fn check_reports_every_backend_and_succeeds_on_defaults() {
     );
     assert!(stdout.contains("fhir (embedded SQLite): ok"), "{stdout}");
     assert!(stdout.contains("rapidpro: ok: not configured"), "{stdout}");
-    assert!(stdout.contains("index ("), "{stdout}");
+    assert!(stdout.contains("index (embedded): ok"), "{stdout}");
+    assert!(stdout.contains("not built yet"), "{stdout}");
 }
 
 #[test]
@@ -147,12 +148,21 @@ fn reindex_rebuilds_the_contact_index_from_the_store() {
     // Again: the same count (a rebuild, not an addition).
     let again = mhero(&dir).arg("reindex").output().unwrap();
     assert_eq!(String::from_utf8_lossy(&again.stdout), stdout);
+    let check = mhero(&dir).arg("check").output().unwrap();
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert!(report.contains("index (embedded): ok"), "{report}");
+    assert!(report.contains(": 65 people, current to 20"), "{report}");
     let elastic = mhero(&dir)
         .arg("reindex")
         .env("MHERO__INDEX__BACKEND", "elasticsearch")
         .output()
         .unwrap();
     assert_eq!(elastic.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&elastic.stderr).contains("index.elasticsearch.url"),
+        "{}",
+        String::from_utf8_lossy(&elastic.stderr)
+    );
 }
 
 /// The URL and JSON body of a banner `curl -X PUT ... 'URL' -d 'BODY'` line.

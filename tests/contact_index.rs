@@ -5,6 +5,8 @@
 //! and the job terminology; a full rebuild equal to the followed updates;
 //! and a crash before the follower's commit.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -578,4 +580,12 @@ async fn a_crash_before_the_commit_loses_nothing() {
     );
     assert!(world.find(q("Halfwritten")).await.is_empty());
     assert_eq!(world.find(q("Mokoena")).await, vec![person("P10208")]);
+}
+
+#[tokio::test]
+async fn the_index_contract_holds_for_tantivy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, phones) = common::index_contract::demo_store(&dir).await;
+    let index = Arc::new(TantivyIndex::open(&dir.path().join("index")).unwrap());
+    common::index_contract::contract(store, index, phones).await;
 }

@@ -35,17 +35,21 @@ pub async fn check_backends(settings: &Settings) -> Vec<CheckLine> {
         },
     };
     lines.push(fhir);
-    let index = match settings.index.backend {
-        IndexBackendKind::Embedded => format!(
-            "embedded tantivy at {}",
-            settings.index.embedded.path.display()
-        ),
-        IndexBackendKind::Elasticsearch => "elasticsearch".to_string(),
+    let backend = match settings.index.backend {
+        IndexBackendKind::Embedded => "embedded",
+        IndexBackendKind::Elasticsearch => "elasticsearch",
     };
-    lines.push(CheckLine {
-        backend: format!("index ({index})"),
-        ok: true,
-        detail: "not checked yet: the contact index is not built in this version".into(),
+    lines.push(match crate::index::describe_index(&settings.index).await {
+        Ok(detail) => CheckLine {
+            backend: format!("index ({backend})"),
+            ok: true,
+            detail,
+        },
+        Err(e) => CheckLine {
+            backend: format!("index ({backend})"),
+            ok: false,
+            detail: e.to_string(),
+        },
     });
     lines.push(check_rapidpro(settings).await);
     lines

@@ -2,9 +2,11 @@
 //! (docs/contact-index.md). Owns the `ContactIndex` contract, the document
 //! and query types, and the index errors; `document` builds documents from
 //! the FHIR store (the source of truth, so an index can always be rebuilt),
-//! `tantivy` is the embedded backend.
+//! `tantivy` is the embedded backend and `elasticsearch` the one for
+//! national scale.
 
 pub mod document;
+pub mod elasticsearch;
 pub mod tantivy;
 
 use std::collections::BTreeMap;
@@ -28,14 +30,25 @@ pub enum IndexError {
     Config(String),
 }
 
+/// What `mhero check` reports of the configured index (nothing is
+/// created or locked).
+pub async fn describe_index(settings: &IndexSettings) -> Result<String, IndexError> {
+    match settings.backend {
+        IndexBackendKind::Embedded => tantivy::TantivyIndex::describe(&settings.embedded.path),
+        IndexBackendKind::Elasticsearch => {
+            elasticsearch::ElasticsearchIndex::describe(&settings.elasticsearch).await
+        }
+    }
+}
+
 /// Opens the configured index.
 pub async fn open_index(settings: &IndexSettings) -> Result<SharedIndex, IndexError> {
     match settings.backend {
         IndexBackendKind::Embedded => Ok(std::sync::Arc::new(tantivy::TantivyIndex::open(
             &settings.embedded.path,
         )?)),
-        IndexBackendKind::Elasticsearch => Err(IndexError::Config(
-            "index.backend = \"elasticsearch\" is not available yet; use \"embedded\"".into(),
+        IndexBackendKind::Elasticsearch => Ok(std::sync::Arc::new(
+            elasticsearch::ElasticsearchIndex::open(&settings.elasticsearch).await?,
         )),
     }
 }
@@ -118,12 +131,80 @@ impl ContactDocument {
         }
     }
 
+    /// The cadres counted by the `cadre` statistic: each once, sorted;
+    /// `unknown` for none.
+    pub fn counted_cadres(&self) -> Vec<&str> {
+        let mut cadres: Vec<&str> = self
+            .jobs
+            .iter()
+            .filter_map(|j| j.cadre.as_deref())
+            .collect();
+        cadres.sort_unstable();
+        cadres.dedup();
+        if cadres.is_empty() {
+            cadres.push(UNKNOWN);
+        }
+        cadres
+    }
+
+    /// The value counted by a statistic other than `cadre` (`unknown` when
+    /// the person has none).
+    pub fn counted(&self, by: StatsBy) -> &str {
+        match by {
+            StatsBy::Region => self.place_at("region"),
+            StatsBy::District => self.place_at("district"),
+            StatsBy::Gender => self.gender.as_deref(),
+            StatsBy::Status => Some(self.status()),
+            StatsBy::Cadre => self.counted_cadres().first().copied(),
+        }
+        .unwrap_or(UNKNOWN)
+    }
+
+    /// Every ending of 4 digits or more of each phone number's digits: what
+    /// `q` matches a number by.
+    pub fn phone_endings(&self) -> Vec<String> {
+        self.phones.iter().flat_map(|p| phone_endings(p)).collect()
+    }
+
     /// The name of the first place at `level`.
     pub fn place_at(&self, level: &str) -> Option<&str> {
         self.places
             .iter()
             .find(|p| p.level == level)
             .map(|p| p.name.as_str())
+    }
+}
+
+/// A person without a value for a statistic counts under this key.
+pub const UNKNOWN: &str = "unknown";
+
+/// Every ending of 4 digits or more of the number's digits.
+pub fn phone_endings(phone: &str) -> Vec<String> {
+    let digits: String = phone.chars().filter(char::is_ascii_digit).collect();
+    (0..digits.len().saturating_sub(3))
+        .map(|start| digits[start..].to_string())
+        .collect()
+}
+
+/// The digits `q` is looked up by among the phone endings, if `q` is a
+/// number of 4 digits or more (a national trunk 0 dropped: `0770…` is not
+/// in E.164); `None` for a name search.
+pub fn phone_digits(q: &str) -> Option<String> {
+    let only_number = q
+        .chars()
+        .all(|c| c.is_ascii_digit() || " +-().".contains(c));
+    let digits: String = q.chars().filter(char::is_ascii_digit).collect();
+    let digits = digits.trim_start_matches('0');
+    (only_number && digits.len() >= 4).then(|| digits.to_string())
+}
+
+/// The edit distance a name word of `q` is matched within: 0 up to 3
+/// letters, 1 up to 6, 2 beyond.
+pub fn fuzzy_distance(word: &str) -> u8 {
+    match word.chars().count() {
+        0..=3 => 0,
+        4..=6 => 1,
+        _ => 2,
     }
 }
 

@@ -28,12 +28,13 @@ use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Te
 
 use chrono::{DateTime, Utc};
 
-use super::{ContactDocument, ContactIndex, ContactPage, ContactQuery, IndexError, StatsBy};
+use super::{
+    ContactDocument, ContactIndex, ContactPage, ContactQuery, IndexError, StatsBy, fuzzy_distance,
+    phone_digits,
+};
 
 const NAME_TOKENIZER: &str = "mhero_folded";
 const WRITER_MEMORY: usize = 64 * 1024 * 1024;
-/// A person without a value for a statistic counts under this key.
-const UNKNOWN: &str = "unknown";
 
 #[derive(Clone, Copy)]
 struct Fields {
@@ -153,6 +154,25 @@ impl TantivyIndex {
         })
     }
 
+    /// What `mhero check` says of the index in `path`, without taking
+    /// the writer (a running `serve` holds it).
+    pub fn describe(path: &Path) -> Result<String, IndexError> {
+        if !path.join("meta.json").exists() {
+            return Ok(format!(
+                "{}: not built yet (`mhero serve` builds it on its first pass, or `mhero reindex`)",
+                path.display()
+            ));
+        }
+        let index = Index::open_in_dir(path).map_err(backend)?;
+        let people = index.reader().map_err(backend)?.searcher().num_docs();
+        let checkpoint = index.load_metas().map_err(backend)?.payload;
+        Ok(format!(
+            "{}: {people} people, current to {}",
+            path.display(),
+            checkpoint.as_deref().unwrap_or("no checkpoint")
+        ))
+    }
+
     async fn blocking<T, F>(&self, work: F) -> Result<T, IndexError>
     where
         T: Send + 'static,
@@ -163,14 +183,6 @@ impl TantivyIndex {
             .await
             .map_err(|e| backend(format!("index task failed: {e}")))?
     }
-}
-
-/// Every ending of 4 digits or more of the number's digits.
-fn phone_endings(phone: &str) -> Vec<String> {
-    let digits: String = phone.chars().filter(char::is_ascii_digit).collect();
-    (0..digits.len().saturating_sub(3))
-        .map(|start| digits[start..].to_string())
-        .collect()
 }
 
 fn tantivy_document(
@@ -187,22 +199,10 @@ fn tantivy_document(
     for name in &document.names {
         doc.add_text(fields.name, name);
     }
-    for phone in &document.phones {
-        for ending in phone_endings(phone) {
-            doc.add_text(fields.phone, ending);
-        }
+    for ending in document.phone_endings() {
+        doc.add_text(fields.phone, ending);
     }
-    let mut cadres: Vec<&str> = document
-        .jobs
-        .iter()
-        .filter_map(|j| j.cadre.as_deref())
-        .collect();
-    cadres.sort_unstable();
-    cadres.dedup();
-    if cadres.is_empty() {
-        cadres.push(UNKNOWN);
-    }
-    for cadre in cadres {
+    for cadre in document.counted_cadres() {
         doc.add_text(fields.cadre, cadre);
     }
     for job in &document.jobs {
@@ -216,16 +216,10 @@ fn tantivy_document(
     }
     doc.add_text(fields.opted_out, document.opted_out.to_string());
     doc.add_text(fields.has_phone, (!document.phones.is_empty()).to_string());
-    doc.add_text(
-        fields.region,
-        document.place_at("region").unwrap_or(UNKNOWN),
-    );
-    doc.add_text(
-        fields.district,
-        document.place_at("district").unwrap_or(UNKNOWN),
-    );
-    doc.add_text(fields.gender, document.gender.as_deref().unwrap_or(UNKNOWN));
-    doc.add_text(fields.status, document.status());
+    doc.add_text(fields.region, document.counted(StatsBy::Region));
+    doc.add_text(fields.district, document.counted(StatsBy::District));
+    doc.add_text(fields.gender, document.counted(StatsBy::Gender));
+    doc.add_text(fields.status, document.counted(StatsBy::Status));
     if let Some(replied) = document.last_reply {
         doc.add_i64(fields.last_reply, replied.timestamp_millis());
     }
@@ -244,14 +238,8 @@ fn to_query(inner: &Inner, query: &ContactQuery) -> Box<dyn Query> {
     let f = &inner.fields;
     let mut clauses: Vec<(Occur, Box<dyn Query>)> = Vec::new();
     if let Some(q) = query.q.as_deref().map(str::trim).filter(|q| !q.is_empty()) {
-        let digits: String = q.chars().filter(char::is_ascii_digit).collect();
-        let only_number = q
-            .chars()
-            .all(|c| c.is_ascii_digit() || " +-().".contains(c));
-        // A national number's trunk prefix (`0770…`) is not in E.164.
-        let digits = digits.trim_start_matches('0');
-        if only_number && digits.len() >= 4 {
-            clauses.push((Occur::Must, term_query(f.phone, digits)));
+        if let Some(digits) = phone_digits(q) {
+            clauses.push((Occur::Must, term_query(f.phone, &digits)));
         } else {
             // Each word of `q`, folded like the names, within an edit
             // distance that grows with its length.
@@ -263,11 +251,7 @@ fn to_query(inner: &Inner, query: &ContactQuery) -> Box<dyn Query> {
             let mut stream = analyzer.token_stream(q);
             while stream.advance() {
                 let word = stream.token().text.clone();
-                let distance = match word.chars().count() {
-                    0..=3 => 0,
-                    4..=6 => 1,
-                    _ => 2,
-                };
+                let distance = fuzzy_distance(&word);
                 let term = Term::from_field_text(f.name, &word);
                 clauses.push((
                     Occur::Must,
@@ -530,6 +514,7 @@ mod tests {
 
     #[test]
     fn phone_endings_start_at_four_digits() {
+        use crate::index::phone_endings;
         assert_eq!(
             phone_endings("+2317701"),
             vec!["2317701", "317701", "17701", "7701"]

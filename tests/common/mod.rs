@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod contract;
+pub mod index_contract;
 pub mod survey;
 
 use std::collections::HashMap;
