@@ -87,6 +87,8 @@ fn document(
         active: true,
         opted_out: n % 50 == 0,
         rapidpro_contact: None,
+        sync_state: "pending".into(),
+        invalid_phones: 0,
         jobs: vec![JobRef {
             display: coding["display"].as_str().map(str::to_string),
             cadre: Some(code.clone()),

@@ -43,6 +43,8 @@ fn nurse() -> ContactDocument {
         active: true,
         opted_out: false,
         rapidpro_contact: None,
+        sync_state: "pending".into(),
+        invalid_phones: 0,
         jobs: vec![JobRef {
             code: "2230-2B".into(),
             display: Some("Midwife".into()),

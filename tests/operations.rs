@@ -318,3 +318,28 @@ async fn graceful_shutdown_stops_the_server() {
         "nothing listens after shutdown"
     );
 }
+
+#[tokio::test]
+async fn the_index_follower_reports_a_store_that_is_down_and_keeps_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = std::sync::Arc::new(
+        mhero::index::tantivy::TantivyIndex::open(&dir.path().join("index")).unwrap(),
+    );
+    let health = mhero::jobs::index_sync::IndexHealth::default();
+    let follower = mhero::jobs::index_sync::IndexSync {
+        store: std::sync::Arc::new(DownStore),
+        index: index.clone(),
+        phones: mhero::pipeline::phone::PhoneNormalizer::new(Some("LR")).unwrap(),
+        overlap: chrono::Duration::seconds(5),
+        health: health.clone(),
+        applied: Default::default(),
+    };
+    let error = follower.run_once().await.unwrap_err().to_string();
+    assert!(error.contains("connection refused"), "{error}");
+    let state = health.snapshot();
+    assert!(state.last_error.unwrap().contains("connection refused"));
+    assert_eq!(state.current_as_of, None);
+    use mhero::index::ContactIndex;
+    assert_eq!(index.checkpoint().await.unwrap(), None, "nothing committed");
+    assert_eq!(index.count().await.unwrap(), 0);
+}

@@ -520,6 +520,15 @@ impl Directory {
             active: !contact.inactive,
             opted_out: contact.opted_out,
             rapidpro_contact: contact.contact_uuid.clone(),
+            sync_state: if contact.contact_uuid.is_some() {
+                "linked"
+            } else if contact.urns.is_empty() {
+                "unreachable"
+            } else {
+                "pending"
+            }
+            .to_string(),
+            invalid_phones: contact.rejected_phones.len(),
             jobs,
             places,
             organizations,

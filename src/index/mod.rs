@@ -102,6 +102,14 @@ pub struct ContactDocument {
     pub active: bool,
     pub opted_out: bool,
     pub rapidpro_contact: Option<String>,
+    /// `linked` (a RapidPro contact is known), `pending` (reachable, not
+    /// yet synced) or `unreachable` (no usable number or URN: never synced).
+    #[serde(default)]
+    pub sync_state: String,
+    /// Numbers of the person the contact sync could not use (not valid
+    /// for `phone.default_country`); the contact sync status says which.
+    #[serde(default)]
+    pub invalid_phones: usize,
     pub jobs: Vec<JobRef>,
     /// Facilities and everything above them.
     pub places: Vec<PlaceRef>,

@@ -493,6 +493,8 @@ mod tests {
             active: true,
             opted_out: false,
             rapidpro_contact: None,
+            sync_state: "pending".into(),
+            invalid_phones: 0,
             jobs: vec![
                 job("2230-1B", "nurse"),
                 job("2221-1D", "doctor"),
