@@ -386,6 +386,73 @@ pub async fn unsupported_type_is_refused(store: &dyn FhirStore) {
     assert!(err.to_string().contains("MedicationRequest"), "{err}");
 }
 
+/// A comma-separated value matches any of the values, for references,
+/// tokens and strings.
+pub async fn any_of_several_values_matches(store: &dyn FhirStore) {
+    let tag = unique();
+    let mut ids = Vec::new();
+    for family in ["Anyof", "Bnyof", "Cnyof"] {
+        let created = store
+            .create(practitioner(&tag, family, "Test"), None)
+            .await
+            .unwrap();
+        let id = created.stored.id.clone();
+        store
+            .create(
+                json!({
+                    "resourceType": "PractitionerRole",
+                    "practitioner": { "reference": format!("Practitioner/{id}") },
+                    "identifier": [{ "system": "urn:mhero:test", "value": format!("{tag}-role") }]
+                }),
+                None,
+            )
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    let practitioners = format!("Practitioner/{},Practitioner/{}", ids[0], ids[2]);
+    let roles = search(
+        store,
+        "PractitionerRole",
+        &[("practitioner", &practitioners)],
+    )
+    .await;
+    let mut found: Vec<String> = roles
+        .matches
+        .iter()
+        .map(|r| {
+            r.resource["practitioner"]["reference"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    found.sort();
+    let mut expected = vec![
+        format!("Practitioner/{}", ids[0]),
+        format!("Practitioner/{}", ids[2]),
+    ];
+    expected.sort();
+    assert_eq!(found, expected);
+    let identifiers = format!("urn:mhero:test|{tag}-Anyof,urn:mhero:test|{tag}-Bnyof");
+    let by_identifier = search(store, "Practitioner", &[("identifier", &identifiers)]).await;
+    assert_eq!(by_identifier.matches.len(), 2);
+    let by_name = search(
+        store,
+        "Practitioner",
+        &[
+            ("family", "Bnyof,Cnyof"),
+            (
+                "identifier",
+                &format!("urn:mhero:test|{tag}-Cnyof,urn:mhero:test|{tag}-Anyof"),
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(by_name.matches.len(), 1, "both parameters must hold");
+    assert_eq!(by_name.matches[0].id, ids[2]);
+}
+
 /// Every check, in order.
 pub async fn run_all(store: &dyn FhirStore) {
     create_read_update_vread(store).await;
@@ -393,6 +460,7 @@ pub async fn run_all(store: &dyn FhirStore) {
     conditional_create_is_idempotent(store).await;
     delete_is_versioned(store).await;
     search_by_identifier_name_and_paging(store).await;
+    any_of_several_values_matches(store).await;
     transaction_resolves_references_and_is_atomic(store).await;
     batch_entries_are_independent(store).await;
     unsupported_type_is_refused(store).await;

@@ -244,7 +244,7 @@ fn condition_for(
                 };
                 let sub = subquery("idx_token", binds, resource_type, name, &extra);
                 binds.extend(code_binds.into_iter().map(SqlValue::Text));
-                format!("r.rid IN ({sub})")
+                sub
             }
             ParamKind::String => {
                 let folded = fold(v);
@@ -259,7 +259,7 @@ fn condition_for(
                         );
                         binds.push(SqlValue::Text(folded.clone()));
                         binds.push(SqlValue::Text(format!("{folded}\u{10FFFF}")));
-                        format!("r.rid IN ({sub})")
+                        sub
                     }
                     Some("exact") => {
                         let sub = subquery(
@@ -271,7 +271,7 @@ fn condition_for(
                         );
                         binds.push(SqlValue::Text(folded));
                         binds.push(SqlValue::Text(v.clone()));
-                        format!("r.rid IN ({sub})")
+                        sub
                     }
                     Some("contains") => {
                         let sub = subquery(
@@ -282,7 +282,7 @@ fn condition_for(
                             " AND instr(folded, ?) > 0",
                         );
                         binds.push(SqlValue::Text(folded));
-                        format!("r.rid IN ({sub})")
+                        sub
                     }
                     Some(other) => {
                         return Err(invalid(format!(
@@ -324,7 +324,7 @@ fn condition_for(
                         );
                         binds.push(SqlValue::Text(target_id));
                         binds.push(SqlValue::Text(t));
-                        format!("r.rid IN ({sub})")
+                        sub
                     }
                     None => {
                         let sub = subquery(
@@ -335,7 +335,7 @@ fn condition_for(
                             " AND target_id = ?",
                         );
                         binds.push(SqlValue::Text(target_id));
-                        format!("r.rid IN ({sub})")
+                        sub
                     }
                 }
             }
@@ -348,12 +348,15 @@ fn condition_for(
                 let (prefix, lo, hi) = parse_date_value(name, v)?;
                 let sub = subquery("idx_date", binds, resource_type, name, "");
                 let cond = date_condition(prefix, "low", "high", binds, lo, hi);
-                format!("r.rid IN ({sub} AND {cond})")
+                format!("{sub} AND {cond}")
             }
         };
         alternatives.push(condition);
     }
-    let joined = format!("({})", alternatives.join(" OR "));
+    // One subquery for all the values (`a,b,c`): SQLite then probes each
+    // resource once, where an OR of one `IN` per value probed each
+    // resource once per value (50 values over 30,000 roles: 40 ms).
+    let joined = format!("(r.rid IN ({}))", alternatives.join(" UNION ALL "));
     Ok(if negate {
         format!("NOT {joined}")
     } else {
