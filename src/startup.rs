@@ -202,15 +202,14 @@ impl Application {
         let jobs = rapidpro_jobs(&settings, &store)?;
         let index = crate::index::open_index(&settings.index).await?;
         let index_health = IndexHealth::default();
-        let index_sync = Arc::new(IndexSyncJob(IndexSync {
-            store: Arc::clone(&store),
-            index: Arc::clone(&index),
-            phones: PhoneNormalizer::from_settings(&settings.phone)
+        let index_sync = Arc::new(IndexSyncJob(IndexSync::new(
+            Arc::clone(&store),
+            Arc::clone(&index),
+            PhoneNormalizer::from_settings(&settings.phone)
                 .map_err(|e| ConfigError(format!("phone.default_country: {e}")))?,
-            overlap: chrono::Duration::seconds(settings.index.follow_overlap_secs as i64),
-            health: index_health.clone(),
-            applied: Default::default(),
-        }));
+            chrono::Duration::seconds(settings.index.follow_overlap_secs as i64),
+            index_health.clone(),
+        )));
         let state = AppState {
             store,
             settings: Arc::new(settings),

@@ -39,14 +39,13 @@ impl World {
             .await
             .unwrap();
         let index = TantivyIndex::open(&dir.path().join("index")).unwrap();
-        let sync = IndexSync {
-            store: Arc::clone(&store),
-            index: Arc::new(index.clone()),
-            phones: phones.clone(),
-            overlap: chrono::Duration::seconds(5),
-            health: Default::default(),
-            applied: Default::default(),
-        };
+        let sync = IndexSync::new(
+            Arc::clone(&store),
+            Arc::new(index.clone()),
+            phones.clone(),
+            chrono::Duration::seconds(5),
+            Default::default(),
+        );
         let world = World {
             dir,
             store,
@@ -560,14 +559,13 @@ async fn a_crash_before_the_commit_loses_nothing() {
         "the checkpoint did not move"
     );
     let world = World {
-        sync: IndexSync {
-            store: Arc::clone(&store),
-            index: Arc::new(index.clone()),
-            phones: phones.clone(),
-            overlap: chrono::Duration::seconds(5),
-            health: Default::default(),
-            applied: Default::default(),
-        },
+        sync: IndexSync::new(
+            Arc::clone(&store),
+            Arc::new(index.clone()),
+            phones.clone(),
+            chrono::Duration::seconds(5),
+            Default::default(),
+        ),
         dir,
         store,
         index,

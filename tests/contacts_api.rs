@@ -42,14 +42,13 @@ impl Api {
             .unwrap();
         let index = Arc::new(TantivyIndex::open(&dir.path().join("index")).unwrap());
         let health = IndexHealth::default();
-        let sync = IndexSync {
-            store: Arc::clone(&store),
-            index: index.clone(),
+        let sync = IndexSync::new(
+            Arc::clone(&store),
+            index.clone(),
             phones,
-            overlap: chrono::Duration::seconds(5),
-            health: health.clone(),
-            applied: Default::default(),
-        };
+            chrono::Duration::seconds(5),
+            health.clone(),
+        );
         let env = HashMap::from([("MHERO__AUTH__API_KEYS".to_string(), KEY.to_string())]);
         let state = AppState {
             store: Arc::clone(&store),

@@ -326,14 +326,13 @@ async fn the_index_follower_reports_a_store_that_is_down_and_keeps_the_index() {
         mhero::index::tantivy::TantivyIndex::open(&dir.path().join("index")).unwrap(),
     );
     let health = mhero::jobs::index_sync::IndexHealth::default();
-    let follower = mhero::jobs::index_sync::IndexSync {
-        store: std::sync::Arc::new(DownStore),
-        index: index.clone(),
-        phones: mhero::pipeline::phone::PhoneNormalizer::new(Some("LR")).unwrap(),
-        overlap: chrono::Duration::seconds(5),
-        health: health.clone(),
-        applied: Default::default(),
-    };
+    let follower = mhero::jobs::index_sync::IndexSync::new(
+        std::sync::Arc::new(DownStore),
+        index.clone(),
+        mhero::pipeline::phone::PhoneNormalizer::new(Some("LR")).unwrap(),
+        chrono::Duration::seconds(5),
+        health.clone(),
+    );
     let error = follower.run_once().await.unwrap_err().to_string();
     assert!(error.contains("connection refused"), "{error}");
     let state = health.snapshot();

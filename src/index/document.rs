@@ -142,42 +142,31 @@ pub async fn search_any_of(
 }
 
 impl Directory {
-    /// Reads the shared facts from `store`, for every person (a rebuild).
+    /// Reads the shared facts from `store`, for every person (a rebuild),
+    /// a page at a time: only what documents need is kept (a country's
+    /// roles and messages are not held in memory as resources).
     pub async fn load(store: &dyn FhirStore) -> Result<Directory, StoreError> {
         let mut directory = Directory::default();
-        let all = |t: &'static str| search_all(store, t, vec![("_count".into(), "1000".into())]);
-        for location in all("Location").await? {
-            directory.add_location(&location);
+        let mut pages = Pages::new(store, "Location");
+        while let Some(page) = pages.next().await? {
+            page.iter().for_each(|l| directory.add_location(l));
         }
-        directory.add_job_terminology(&all("CodeSystem").await?);
-        for role in all("PractitionerRole").await? {
-            directory.add_role(&role.resource);
+        directory.add_job_terminology(
+            &search_all(store, "CodeSystem", vec![("_count".into(), "1000".into())]).await?,
+        );
+        let mut pages = Pages::new(store, "PractitionerRole");
+        while let Some(page) = pages.next().await? {
+            page.iter().for_each(|r| directory.add_role(&r.resource));
         }
-        for group in all("Group").await? {
-            directory.add_group(&group, None);
+        let mut pages = Pages::new(store, "Group");
+        while let Some(page) = pages.next().await? {
+            page.iter().for_each(|g| directory.add_group(g, None));
         }
-        // Messages are many: page through them keeping only each person's
-        // latest.
-        let mut cursor = None;
-        loop {
-            let page = store
-                .search(SearchRequest {
-                    resource_type: "Communication".into(),
-                    params: vec![
-                        ("_count".into(), "1000".into()),
-                        ("_total".into(), "none".into()),
-                    ],
-                    cursor,
-                    lenient: false,
-                })
-                .await?;
-            for communication in &page.matches {
-                directory.add_communication(communication, None);
-            }
-            match page.next_cursor {
-                Some(next) => cursor = Some(next),
-                None => break,
-            }
+        // Messages are many: only each person's latest is kept.
+        let mut pages = Pages::new(store, "Communication");
+        while let Some(page) = pages.next().await? {
+            page.iter()
+                .for_each(|c| directory.add_communication(c, None));
         }
         Ok(directory)
     }
@@ -546,8 +535,49 @@ impl Directory {
     }
 }
 
-/// Every person in the store as a document, in batches of `batch` handed
-/// to `each` (a full rebuild reads the store once).
+/// Every resource of a type, a page of 1,000 at a time.
+struct Pages<'a> {
+    store: &'a dyn FhirStore,
+    resource_type: &'static str,
+    cursor: Option<String>,
+    done: bool,
+}
+
+impl<'a> Pages<'a> {
+    fn new(store: &'a dyn FhirStore, resource_type: &'static str) -> Pages<'a> {
+        Pages {
+            store,
+            resource_type,
+            cursor: None,
+            done: false,
+        }
+    }
+
+    async fn next(&mut self) -> Result<Option<Vec<StoredResource>>, StoreError> {
+        if self.done {
+            return Ok(None);
+        }
+        let page = self
+            .store
+            .search(SearchRequest {
+                resource_type: self.resource_type.into(),
+                params: vec![
+                    ("_count".into(), "1000".into()),
+                    ("_total".into(), "none".into()),
+                ],
+                cursor: self.cursor.take(),
+                lenient: false,
+            })
+            .await?;
+        self.cursor = page.next_cursor;
+        self.done = self.cursor.is_none();
+        Ok(Some(page.matches))
+    }
+}
+
+/// Every person in the store as a document, in batches of at most `batch`
+/// handed to `each` (a full rebuild reads the store once, a page at a
+/// time).
 pub async fn all_documents<F, Fut, E>(
     store: &dyn FhirStore,
     phones: &PhoneNormalizer,
@@ -562,14 +592,16 @@ where
     let directory = Directory::load(store).await?;
     let mut count = 0;
     for person_type in PERSON_TYPES {
-        let people = search_all(store, person_type, vec![("_count".into(), "1000".into())]).await?;
-        for chunk in people.chunks(batch.max(1)) {
-            let documents: Vec<ContactDocument> = chunk
-                .iter()
-                .map(|p| directory.document(&p.resource, phones))
-                .collect();
-            count += documents.len();
-            each(documents).await?;
+        let mut pages = Pages::new(store, person_type);
+        while let Some(people) = pages.next().await? {
+            for chunk in people.chunks(batch.max(1)) {
+                let documents: Vec<ContactDocument> = chunk
+                    .iter()
+                    .map(|p| directory.document(&p.resource, phones))
+                    .collect();
+                count += documents.len();
+                each(documents).await?;
+            }
         }
     }
     Ok(count)

@@ -131,15 +131,20 @@ impl IndexHealth {
 
 /// Follows the store into the index.
 pub struct IndexSync {
-    pub store: SharedStore,
-    pub index: SharedIndex,
-    pub phones: PhoneNormalizer,
-    /// Re-read this much history before the checkpoint.
-    pub overlap: chrono::Duration,
-    pub health: IndexHealth,
+    store: SharedStore,
+    index: SharedIndex,
+    phones: PhoneNormalizer,
+    /// Re-read this much history before where the last pass stood.
+    overlap: chrono::Duration,
+    health: IndexHealth,
     /// Versions (`Type/id/_history/v`) in the last pass's window: already
     /// in the index.
-    pub applied: Mutex<HashSet<String>>,
+    applied: Mutex<HashSet<String>>,
+    /// When the last successful pass started: every change committed
+    /// before it was read, so the next pass reads from there (less the
+    /// overlap) rather than from the checkpoint, which an idle store does
+    /// not move.
+    last_pass: Mutex<Option<DateTime<Utc>>>,
 }
 
 fn version_key(entry: &crate::store::HistoryEntry) -> String {
@@ -194,10 +199,33 @@ fn people_named(resource_type: &str, resource: &Value) -> Vec<String> {
 }
 
 impl IndexSync {
+    /// A follower of `store` into `index`, re-reading `overlap` of history
+    /// each pass and reporting to `health`.
+    pub fn new(
+        store: SharedStore,
+        index: SharedIndex,
+        phones: PhoneNormalizer,
+        overlap: chrono::Duration,
+        health: IndexHealth,
+    ) -> IndexSync {
+        IndexSync {
+            store,
+            index,
+            phones,
+            overlap,
+            health,
+            applied: Mutex::default(),
+            last_pass: Mutex::default(),
+        }
+    }
+
     pub async fn run_once(&self) -> Result<IndexSyncReport, IndexSyncError> {
         let started = Utc::now();
         let result = self.pass().await;
         self.health.record(started, &result);
+        if result.is_ok() {
+            *self.last_pass.lock().unwrap_or_else(|p| p.into_inner()) = Some(started);
+        }
         result
     }
 
@@ -264,6 +292,11 @@ impl IndexSync {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        // From the checkpoint, or from the last pass's start if later (both
+        // less the overlap). The overlap covers writes committed after
+        // their timestamp, and a store clock off by less than it.
+        let last_pass = *self.last_pass.lock().unwrap_or_else(|p| p.into_inner());
+        let since = last_pass.map_or(checkpoint, |p| p.max(checkpoint)) - self.overlap;
         // The entries are collected page by page (a page's notes need the
         // store), keeping only the versions not yet applied.
         let mut window = HashSet::new();
@@ -276,7 +309,7 @@ impl IndexSync {
             let page = self
                 .store
                 .history(HistoryRequest {
-                    since: Some(checkpoint - self.overlap),
+                    since: Some(since),
                     count: Some(BATCH),
                     cursor,
                     ..Default::default()

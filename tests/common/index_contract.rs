@@ -109,14 +109,13 @@ pub async fn contract(store: SharedStore, index: SharedIndex, phones: PhoneNorma
     assert_eq!(by_district.get("Buraba"), Some(&14));
 
     // The follower: a new name and a deletion.
-    let follower = IndexSync {
-        store: Arc::clone(&store),
-        index: Arc::clone(&index),
+    let follower = IndexSync::new(
+        Arc::clone(&store),
+        Arc::clone(&index),
         phones,
-        overlap: chrono::Duration::seconds(5),
-        health: Default::default(),
-        applied: Default::default(),
-    };
+        chrono::Duration::seconds(5),
+        Default::default(),
+    );
     follower.run_once().await.unwrap();
     let current = store.read("Practitioner", "P10208").await.unwrap();
     let mut person = current.resource;
