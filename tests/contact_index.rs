@@ -15,7 +15,6 @@ use mhero::index::{ContactIndex, ContactQuery, SharedIndex, StatsBy};
 use mhero::jobs::index_sync::{IndexSync, IndexSyncReport};
 use mhero::pipeline::phone::PhoneNormalizer;
 use mhero::store::SharedStore;
-use mhero::store::sqlite::SqliteStore;
 use serde_json::json;
 
 struct World {
@@ -29,15 +28,7 @@ struct World {
 impl World {
     async fn demo() -> World {
         let dir = tempfile::tempdir().unwrap();
-        let store: SharedStore = Arc::new(
-            SqliteStore::open(&dir.path().join("fhir.sqlite"))
-                .await
-                .unwrap(),
-        );
-        let phones = PhoneNormalizer::new(Some("LR")).unwrap();
-        mhero::cli::demo::load_demo_data(store.as_ref(), &phones)
-            .await
-            .unwrap();
+        let (store, phones) = common::index_contract::demo_store(&dir).await;
         let index = TantivyIndex::open(&dir.path().join("index")).unwrap();
         let sync = IndexSync::new(
             Arc::clone(&store),

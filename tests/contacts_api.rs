@@ -3,6 +3,8 @@
 //! the follower then indexes), 400s naming the bad parameter, the API key,
 //! and the index's lag in `/health/ready`.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -12,9 +14,7 @@ use mhero::api::{AppState, router};
 use mhero::config::Settings;
 use mhero::index::tantivy::TantivyIndex;
 use mhero::jobs::index_sync::{IndexHealth, IndexSync};
-use mhero::pipeline::phone::PhoneNormalizer;
 use mhero::store::SharedStore;
-use mhero::store::sqlite::SqliteStore;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
@@ -31,15 +31,7 @@ impl Api {
     /// The demo data, its index built by the follower's first pass.
     async fn demo() -> Api {
         let dir = tempfile::tempdir().unwrap();
-        let store: SharedStore = Arc::new(
-            SqliteStore::open(&dir.path().join("fhir.sqlite"))
-                .await
-                .unwrap(),
-        );
-        let phones = PhoneNormalizer::new(Some("LR")).unwrap();
-        mhero::cli::demo::load_demo_data(store.as_ref(), &phones)
-            .await
-            .unwrap();
+        let (store, phones) = common::index_contract::demo_store(&dir).await;
         let index = Arc::new(TantivyIndex::open(&dir.path().join("index")).unwrap());
         let health = IndexHealth::default();
         let sync = IndexSync::new(

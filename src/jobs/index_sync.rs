@@ -229,34 +229,20 @@ impl IndexSync {
         result
     }
 
-    /// Reads the store's history since `since`, page by page, handing each
-    /// entry to `each` until it says stop (returns `false`).
-    async fn history_since(
+    /// One page of the store's history since `since` (newest first).
+    async fn history_page(
         &self,
         since: DateTime<Utc>,
-        mut each: impl FnMut(crate::store::HistoryEntry) -> bool,
-    ) -> Result<(), IndexSyncError> {
-        let mut cursor = None;
-        loop {
-            let page = self
-                .store
-                .history(HistoryRequest {
-                    since: Some(since),
-                    count: Some(BATCH),
-                    cursor,
-                    ..Default::default()
-                })
-                .await?;
-            for entry in page.entries {
-                if !each(entry) {
-                    return Ok(());
-                }
-            }
-            match page.next_cursor {
-                Some(next) => cursor = Some(next),
-                None => return Ok(()),
-            }
-        }
+        cursor: Option<String>,
+    ) -> Result<crate::store::HistoryPage, StoreError> {
+        self.store
+            .history(HistoryRequest {
+                since: Some(since),
+                count: Some(BATCH),
+                cursor,
+                ..Default::default()
+            })
+            .await
     }
 
     fn remember(&self, applied: HashSet<String>) {
@@ -269,11 +255,15 @@ impl IndexSync {
         // again).
         let mut applied = HashSet::new();
         if let Some(newest) = newest_change(&self.store).await? {
-            self.history_since(newest - self.overlap, |entry| {
-                applied.insert(version_key(&entry));
-                true
-            })
-            .await?;
+            let mut cursor = None;
+            loop {
+                let page = self.history_page(newest - self.overlap, cursor).await?;
+                applied.extend(page.entries.iter().map(version_key));
+                match page.next_cursor {
+                    Some(next) => cursor = Some(next),
+                    None => break,
+                }
+            }
         }
         let count = rebuild(&self.store, &self.index, &self.phones, |_| {}).await?;
         self.remember(applied);
@@ -306,15 +296,7 @@ impl IndexSync {
         let mut changes = 0;
         let mut cursor = None;
         loop {
-            let page = self
-                .store
-                .history(HistoryRequest {
-                    since: Some(since),
-                    count: Some(BATCH),
-                    cursor,
-                    ..Default::default()
-                })
-                .await?;
+            let page = self.history_page(since, cursor).await?;
             for entry in page.entries {
                 let key = version_key(&entry);
                 newest = newest.max(entry.last_updated);
